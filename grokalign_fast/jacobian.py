@@ -1,0 +1,239 @@
+r"""Estimators of the per-sample Jacobian Frobenius norm (reference path).
+
+For ``f`` mapping a batch ``[B, ...]`` to outputs ``[B, ...]`` with samples
+independent, ``J_b = d f(x)_b / d x_b`` is the ``C x D`` Jacobian of sample b
+(outputs and inputs flattened per sample). Estimators of ``||J_b||_F^2``:
+
+- ``"reverse"`` (output space; the authors' and Hoffman et al.'s estimator):
+  ``(1/k) sum_p ||u_p^T J_b||^2`` with output probes ``E[u u^T] = I``: one
+  vector-Jacobian product per probe, reusing a single forward pass. Exact when
+  C = 1 (whatever the probe distribution, up to its scale: with ``"sphere"``
+  probes it is exact for C = 1).
+- ``"forward"`` (input space, Hutchinson): ``(1/k) sum_p ||J_b v_p||^2`` with
+  input probes ``E[v v^T] = I``: one Jacobian-vector product per probe.
+- ``"exact"``: the full Jacobian with ``min(C, D)`` products (C VJPs or D JVPs).
+
+All three are unbiased for ``||J_b||_F^2`` (``squared=True``). With
+``squared=False`` the per-sample norm is the square root of the per-sample
+estimate, as in the authors' code; by Jensen's inequality this is biased low,
+``E sqrt(est) <= ||J_b||_F``, with the gap shrinking as ``num_probes`` grows
+(it is exact for ``"exact"`` and for ``"orthogonal"`` probes with k = dim).
+The square root has value 0 and gradient 0 where the estimate is 0.
+
+Results are differentiable (with respect to ``x`` and to whatever ``f``
+closes over) when grad mode is enabled, so they can be added to a loss.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import _backends
+from ._validation import (
+    check_batch_input,
+    check_batch_output,
+    check_choice,
+    check_finite,
+    check_generator,
+    check_num_probes,
+)
+from .ops.sqnorm import probe_sqnorm
+from .probes import PROBES, draw_probes
+
+ESTIMATORS = ("reverse", "forward", "exact")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_callable(f, name: str = "f") -> None:
+    if not callable(f):
+        raise TypeError(f"{name} must be callable (a function or nn.Module mapping [B, ...] to [B, ...]), got {type(f).__name__}")
+
+
+def _requires_grad_input(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it already carries a graph (e.g. embeddings), else a leaf copy."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def _vjps(out: torch.Tensor, x_: torch.Tensor, cotangents, create_graph: bool) -> torch.Tensor:
+    """Stack ``u_p^T J`` for each cotangent ``u_p`` (shape of ``out``): [P, *x.shape]."""
+    if not out.requires_grad:
+        raise ValueError(
+            "f(x) does not depend differentiably on x (its output carries no autograd graph); "
+            "f must be built from differentiable torch operations and must not run under torch.no_grad()"
+        )
+    grads = []
+    n = len(cotangents)
+    for p, u in enumerate(cotangents):
+        (g,) = torch.autograd.grad(
+            out, x_, u, create_graph=create_graph, retain_graph=create_graph or p < n - 1, allow_unused=True
+        )
+        grads.append(torch.zeros_like(x_) if g is None else g)
+    return torch.stack(grads)
+
+
+def _jvps(f, x: torch.Tensor, tangents) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Primal output and stacked ``J v_p`` for each tangent: ([B, ...], [P, B, ...])."""
+    outs = []
+    primal = None
+    for v in tangents:
+        y, t = torch.func.jvp(f, (x,), (v,))
+        if primal is None:
+            primal = check_batch_output(y, x.shape[0])
+        outs.append(t)
+    return primal, torch.stack(outs)
+
+
+def _basis(count: int, batch: int, shape, like: torch.Tensor, index: int) -> torch.Tensor:
+    e = torch.zeros((batch, count), dtype=like.dtype, device=like.device)
+    e[:, index] = 1
+    return e.reshape((batch,) + tuple(shape))
+
+
+def sq_norm_estimate(
+    f: Callable,
+    x: torch.Tensor,
+    *,
+    estimator: str = "reverse",
+    num_probes: int = 1,
+    probes: str = "sphere",
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+    create_graph: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run ``f`` once and return ``(f(x), est)`` with ``est[b]`` an unbiased estimate of ``||J_b||_F^2``.
+
+    ``create_graph`` defaults to ``torch.is_grad_enabled()``: when true the
+    estimate is differentiable (training), else it is detached (monitoring).
+    The reference (autograd) path computes the Jacobian products; ``backend``
+    chooses the implementation of the per-sample reduction.
+    """
+    _check_callable(f)
+    check_batch_input(x)
+    check_choice(estimator, "estimator", ESTIMATORS)
+    check_choice(probes, "probes", PROBES)
+    check_num_probes(num_probes)
+    check_generator(generator)
+    _backends.check_backend_name(backend)
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    B = x.shape[0]
+    in_shape = tuple(x.shape[1:])
+    D = x[0].numel()
+
+    if estimator == "forward":
+        V = draw_probes(probes, num_probes, B, in_shape, dtype=x.dtype, device=x.device, generator=generator)
+        with torch.set_grad_enabled(create_graph):
+            out, T = _jvps(f, x, list(V))
+            est = probe_sqnorm(T, backend=backend)
+        return out, est
+
+    with torch.enable_grad():
+        x_ = _requires_grad_input(x)
+        out = check_batch_output(f(x_), B)
+        out_shape = tuple(out.shape[1:])
+        C = out[0].numel()
+        if estimator == "reverse":
+            U = draw_probes(probes, num_probes, B, out_shape, dtype=out.dtype, device=out.device, generator=generator)
+            G = _vjps(out, x_, list(U), create_graph)
+            est = probe_sqnorm(G, backend=backend)
+        elif C <= D:  # exact with C vector-Jacobian products
+            G = _vjps(out, x_, [_basis(C, B, out_shape, out, c) for c in range(C)], create_graph)
+            est = probe_sqnorm(G, backend=backend) * C
+        else:  # exact with D Jacobian-vector products
+            with torch.set_grad_enabled(create_graph):
+                _, T = _jvps(f, x, [_basis(D, B, in_shape, x, d) for d in range(D)])
+                est = probe_sqnorm(T, backend=backend) * D
+    if not create_graph:
+        out, est = out.detach(), est.detach()
+    return out, est
+
+
+def safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrt with value 0 and gradient 0 at 0 (no inf/nan gradient for a zero Jacobian)."""
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values
+
+
+def jacobian_norm(
+    f: Callable,
+    x: torch.Tensor,
+    *,
+    estimator: str = "reverse",
+    num_probes: int = 1,
+    probes: str = "sphere",
+    squared: bool = False,
+    reduction: str = "mean",
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+    check_finite_values: bool = True,
+) -> torch.Tensor:
+    r"""Per-sample Frobenius norm of the input-output Jacobian of ``f`` at ``x``.
+
+    Args:
+        f: callable mapping ``x: [B, ...]`` to ``[B, ...]``, samples independent
+            (no batch statistics, e.g. BatchNorm in train mode).
+        x: ``[B, ...]`` floating-point inputs (images ``[B, ch, H, W]``,
+            embeddings ``[B, T, d]``, ...). D = numel per sample.
+        estimator: ``"reverse"`` (output-space probes, VJPs), ``"forward"``
+            (input-space Hutchinson, JVPs) or ``"exact"`` (min(C, D) products).
+        num_probes: k >= 1 probes per sample (ignored by ``"exact"``).
+        probes: ``"sphere"``, ``"gaussian"``, ``"rademacher"`` or ``"orthogonal"``
+            (see :mod:`grokalign_fast.probes`).
+        squared: True: unbiased estimate of ``||J||_F^2``; False: its square
+            root per sample (the authors' choice; biased low, see module doc).
+        reduction: ``"mean"`` / ``"sum"`` over the batch, or ``"none"`` -> ``[B]``.
+        generator: ``torch.Generator`` for the probes; the same state gives the
+            same probes and the same numbers.
+        backend: ``"auto"``, ``"reference"`` or ``"cpp"`` for the reduction.
+        check_finite_values: raise ``FloatingPointError`` on a non-finite result.
+
+    Returns:
+        A scalar (``"mean"``/``"sum"``) or ``[B]`` tensor; differentiable when
+        grad mode is enabled.
+    """
+    check_choice(reduction, "reduction", REDUCTIONS)
+    if not isinstance(squared, bool):
+        raise TypeError(f"squared must be a bool, got {squared!r}")
+    _, est = sq_norm_estimate(
+        f, x, estimator=estimator, num_probes=num_probes, probes=probes, generator=generator, backend=backend
+    )
+    if check_finite_values:
+        check_finite(est, "the Jacobian norm of f at x")
+    values = est if squared else safe_sqrt(est)
+    return reduce(values, reduction)
+
+
+def jacobian(f: Callable, x: torch.Tensor, *, create_graph: Optional[bool] = None) -> torch.Tensor:
+    """Exact per-sample Jacobians, flattened: ``[B, C, D]`` (C outputs, D inputs per sample).
+
+    Uses C vector-Jacobian products when C <= D, else D Jacobian-vector products.
+    """
+    _check_callable(f)
+    check_batch_input(x)
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    B = x.shape[0]
+    in_shape = tuple(x.shape[1:])
+    D = x[0].numel()
+    with torch.enable_grad():
+        x_ = _requires_grad_input(x)
+        out = check_batch_output(f(x_), B)
+        out_shape = tuple(out.shape[1:])
+        C = out[0].numel()
+        if C <= D:
+            G = _vjps(out, x_, [_basis(C, B, out_shape, out, c) for c in range(C)], create_graph)
+            J = G.reshape(C, B, D).transpose(0, 1)
+        else:
+            with torch.set_grad_enabled(create_graph):
+                _, T = _jvps(f, x, [_basis(D, B, in_shape, x, d) for d in range(D)])
+            J = T.reshape(D, B, C).permute(1, 2, 0)
+    return J if create_graph else J.detach()

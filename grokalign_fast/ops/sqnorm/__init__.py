@@ -1,0 +1,3 @@
+from .function import probe_sqnorm
+
+__all__ = ["probe_sqnorm"]

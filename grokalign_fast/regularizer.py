@@ -1,0 +1,171 @@
+r"""GrokAlign: the Jacobian-norm regulariser as a drop-in ``nn.Module``.
+
+``out, penalty = reg(x)`` runs the model once and returns its output and the
+weighted penalty ``weight * mean_b ||J(x_b)||_F`` (or the squared norm with
+``squared=True``), differentiable with respect to the model's parameters::
+
+    reg = GrokAlign(model, weight=1e-4)
+    out, penalty = reg(x)
+    loss = F.mse_loss(out, y) + penalty
+    loss.backward()
+
+With ``target=level`` the penalty is the paper's ``weight * |level - mean_b ||J(x_b)||_F|``
+(keeping the norm near a level, which inhibits generalisation). In eval mode or with
+``weight=0`` it does no penalty work and returns a zero penalty.
+
+Cheaper schedules: ``subsample=s`` computes the penalty on a random fraction s
+of the batch (the batch mean is estimated without bias); ``every=n`` computes
+it on every n-th training call and scales it by n (lazy regularisation, as in
+StyleGAN2's path-length penalty), so its expectation per step is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _backends
+from ._validation import (
+    check_batch_input,
+    check_choice,
+    check_finite,
+    check_generator,
+    check_nonnegative_number,
+    check_num_probes,
+)
+from .jacobian import ESTIMATORS, safe_sqrt, sq_norm_estimate
+from .probes import PROBES
+
+
+class GrokAlign(nn.Module):
+    """Wrap ``model`` so one call returns ``(model(x), penalty)``.
+
+    Args:
+        model: maps ``[B, ...]`` to ``[B, ...]`` with samples independent.
+        weight: lambda >= 0 (the paper: 1e-4 for MSE, 1e-3 for cross-entropy).
+        estimator: ``"reverse"`` (default; output-space probes, VJPs reusing the
+            forward), ``"forward"`` (input-space Hutchinson, JVPs) or ``"exact"``.
+        num_probes: probes per sample (k >= 1).
+        probes: probe distribution (see :mod:`grokalign_fast.probes`).
+        squared: penalise ``||J||_F^2`` (Hoffman et al.) instead of ``||J||_F``.
+        target: if given, penalise ``|target - mean ||J||_F|`` instead.
+        subsample: fraction in (0, 1] of the batch that carries the penalty.
+        every: compute the penalty every n-th training call, scaled by n.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        generator: ``torch.Generator`` for probes and subsampling.
+        check_finite_values: raise on a non-finite Jacobian norm.
+
+    Attributes after a call: ``last_norm`` (detached mean per-sample norm, or
+    squared norm with ``squared=True``, of the last computed penalty; None if
+    no penalty was computed), ``last_backend`` (the backend that ran).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weight: float,
+        *,
+        estimator: str = "reverse",
+        num_probes: int = 1,
+        probes: str = "sphere",
+        squared: bool = False,
+        target: Optional[float] = None,
+        subsample: Optional[float] = None,
+        every: int = 1,
+        backend: str = "auto",
+        generator: Optional[torch.Generator] = None,
+        check_finite_values: bool = True,
+    ):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or callable, got {type(model).__name__}")
+        self.model = model
+        self.weight = check_nonnegative_number(weight, "weight")
+        self.estimator = check_choice(estimator, "estimator", ESTIMATORS)
+        self.num_probes = check_num_probes(num_probes)
+        self.probes = check_choice(probes, "probes", PROBES)
+        if not isinstance(squared, bool):
+            raise TypeError(f"squared must be a bool, got {squared!r}")
+        self.squared = squared
+        self.target = None if target is None else check_nonnegative_number(target, "target")
+        if subsample is not None:
+            if isinstance(subsample, bool) or not isinstance(subsample, (int, float)) or not (0 < subsample <= 1):
+                raise ValueError(f"subsample must be a fraction in (0, 1] or None, got {subsample!r}")
+            subsample = float(subsample)
+        self.subsample = subsample
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.every = every
+        self.backend = _backends.check_backend_name(backend)
+        check_generator(generator)
+        self.generator = generator
+        self.check_finite_values = check_finite_values
+        self.step = 0
+        self.last_norm: Optional[torch.Tensor] = None
+        self.last_backend: Optional[str] = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, estimator={self.estimator!r}, num_probes={self.num_probes}, "
+            f"probes={self.probes!r}, squared={self.squared}, target={self.target}, "
+            f"subsample={self.subsample}, every={self.every}, backend={self.backend!r}"
+        )
+
+    def _penalty_active(self) -> bool:
+        return self.training and self.weight > 0 and torch.is_grad_enabled()
+
+    def _subsample_index(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+        if self.subsample is None or self.subsample >= 1.0:
+            return None
+        m = max(1, int(round(self.subsample * batch)))
+        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        return torch.randperm(batch, generator=self.generator, device=gen_device)[:m].to(device)
+
+    def forward(self, x: torch.Tensor):
+        if not self._penalty_active():
+            self.last_norm = None
+            out = self.model(x)
+            return out, out.new_zeros(())
+        step = self.step
+        self.step += 1
+        if step % self.every != 0:
+            self.last_norm = None
+            out = self.model(x)
+            return out, out.new_zeros(())
+        check_batch_input(x)
+        idx = self._subsample_index(x.shape[0], x.device)
+        if idx is None:
+            out, est = self._estimate(x)
+        else:
+            # Output on the whole batch; penalty on the random subset (an extra,
+            # smaller forward on the reference path).
+            out = self.model(x)
+            _, est = self._estimate(x.index_select(0, idx))
+        if self.check_finite_values:
+            check_finite(est, "the Jacobian norm of the model at x")
+        values = est if self.squared else safe_sqrt(est)
+        level = values.mean()
+        self.last_norm = level.detach()
+        penalty = (level - self.target).abs() if self.target is not None else level
+        return out, (self.weight * self.every) * penalty
+
+    def _estimate(self, x: torch.Tensor):
+        self.last_backend = "reference"
+        return sq_norm_estimate(
+            self.model,
+            x,
+            estimator=self.estimator,
+            num_probes=self.num_probes,
+            probes=self.probes,
+            generator=self.generator,
+            backend=self._reduction_backend(),
+            create_graph=True,
+        )
+
+    def _reduction_backend(self) -> str:
+        if self.backend == "triton":
+            raise _backends.BackendUnavailableError(
+                "backend='triton' cannot serve this model: the Triton path covers the fused MLP ops only"
+            )
+        return self.backend
