@@ -73,21 +73,80 @@ def _vjps(out: torch.Tensor, x_: torch.Tensor, cotangents, create_graph: bool) -
 
 
 def _jvps(f, x: torch.Tensor, tangents) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Primal output and stacked ``J v_p`` for each tangent: ([B, ...], [P, B, ...])."""
-    outs = []
-    primal = None
-    for v in tangents:
-        y, t = torch.func.jvp(f, (x,), (v,))
-        if primal is None:
-            primal = check_batch_output(y, x.shape[0])
-        outs.append(t)
-    return primal, torch.stack(outs)
+    """Primal output and stacked ``J v_p`` for each tangent: ([B, ...], [P, B, ...]).
+
+    The first product is one ``torch.func.jvp`` (it also validates the output);
+    the others are batched with ``torch.func.vmap`` when f supports it (same
+    numbers, one batched pass), else computed one by one (e.g. random layers
+    such as dropout, which vmap refuses).
+    """
+    primal, t0 = torch.func.jvp(f, (x,), (tangents[0],))
+    primal = check_batch_output(primal, x.shape[0])
+    if len(tangents) == 1:
+        return primal, t0.unsqueeze(0)
+    rest = torch.stack(list(tangents[1:]))
+    try:
+        T = torch.func.vmap(lambda v: torch.func.jvp(f, (x,), (v,))[1])(rest)
+    except RuntimeError:
+        T = torch.stack([torch.func.jvp(f, (x,), (v,))[1] for v in rest])
+    return primal, torch.cat([t0.unsqueeze(0), T])
 
 
 def _basis(count: int, batch: int, shape, like: torch.Tensor, index: int) -> torch.Tensor:
     e = torch.zeros((batch, count), dtype=like.dtype, device=like.device)
     e[:, index] = 1
     return e.reshape((batch,) + tuple(shape))
+
+
+def probe_products(
+    f: Callable,
+    x: torch.Tensor,
+    *,
+    estimator: str = "reverse",
+    num_probes: int = 1,
+    probes: str = "sphere",
+    generator: Optional[torch.Generator] = None,
+    create_graph: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Run ``f`` once; return ``(f(x), G, scale)`` with ``G[p, b]`` the p-th probe product of sample b.
+
+    ``G`` is ``J v_p`` ([P, B, *out]) for ``"forward"``, ``u_p^T J`` ([P, B, *in])
+    for ``"reverse"`` and the rows or columns of J for ``"exact"``;
+    ``scale * mean_p ||G[p, b]||^2`` is the estimate of ``||J_b||_F^2`` (scale is
+    1, except for ``"exact"`` where it is the number of products).
+    """
+    _check_callable(f)
+    check_batch_input(x)
+    check_choice(estimator, "estimator", ESTIMATORS)
+    check_choice(probes, "probes", PROBES)
+    check_num_probes(num_probes)
+    check_generator(generator)
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    B = x.shape[0]
+    in_shape = tuple(x.shape[1:])
+    D = x[0].numel()
+
+    if estimator == "forward":
+        V = draw_probes(probes, num_probes, B, in_shape, dtype=x.dtype, device=x.device, generator=generator)
+        with torch.set_grad_enabled(create_graph):
+            out, G = _jvps(f, x, list(V))
+        return out, G, 1
+
+    with torch.enable_grad():
+        x_ = _requires_grad_input(x)
+        out = check_batch_output(f(x_), B)
+        out_shape = tuple(out.shape[1:])
+        C = out[0].numel()
+        if estimator == "reverse":
+            U = draw_probes(probes, num_probes, B, out_shape, dtype=out.dtype, device=out.device, generator=generator)
+            return out, _vjps(out, x_, list(U), create_graph), 1
+        if C <= D:  # exact with C vector-Jacobian products
+            return out, _vjps(out, x_, [_basis(C, B, out_shape, out, c) for c in range(C)], create_graph), C
+    # exact with D Jacobian-vector products
+    with torch.set_grad_enabled(create_graph):
+        _, G = _jvps(f, x, [_basis(D, B, in_shape, x, d) for d in range(D)])
+    return out, G, D
 
 
 def sq_norm_estimate(
@@ -108,42 +167,16 @@ def sq_norm_estimate(
     The reference (autograd) path computes the Jacobian products; ``backend``
     chooses the implementation of the per-sample reduction.
     """
-    _check_callable(f)
-    check_batch_input(x)
-    check_choice(estimator, "estimator", ESTIMATORS)
-    check_choice(probes, "probes", PROBES)
-    check_num_probes(num_probes)
-    check_generator(generator)
     _backends.check_backend_name(backend)
     if create_graph is None:
         create_graph = torch.is_grad_enabled()
-    B = x.shape[0]
-    in_shape = tuple(x.shape[1:])
-    D = x[0].numel()
-
-    if estimator == "forward":
-        V = draw_probes(probes, num_probes, B, in_shape, dtype=x.dtype, device=x.device, generator=generator)
-        with torch.set_grad_enabled(create_graph):
-            out, T = _jvps(f, x, list(V))
-            est = probe_sqnorm(T, backend=backend)
-        return out, est
-
-    with torch.enable_grad():
-        x_ = _requires_grad_input(x)
-        out = check_batch_output(f(x_), B)
-        out_shape = tuple(out.shape[1:])
-        C = out[0].numel()
-        if estimator == "reverse":
-            U = draw_probes(probes, num_probes, B, out_shape, dtype=out.dtype, device=out.device, generator=generator)
-            G = _vjps(out, x_, list(U), create_graph)
-            est = probe_sqnorm(G, backend=backend)
-        elif C <= D:  # exact with C vector-Jacobian products
-            G = _vjps(out, x_, [_basis(C, B, out_shape, out, c) for c in range(C)], create_graph)
-            est = probe_sqnorm(G, backend=backend) * C
-        else:  # exact with D Jacobian-vector products
-            with torch.set_grad_enabled(create_graph):
-                _, T = _jvps(f, x, [_basis(D, B, in_shape, x, d) for d in range(D)])
-                est = probe_sqnorm(T, backend=backend) * D
+    out, G, scale = probe_products(
+        f, x, estimator=estimator, num_probes=num_probes, probes=probes, generator=generator, create_graph=create_graph
+    )
+    with torch.set_grad_enabled(create_graph):
+        est = probe_sqnorm(G, backend=backend)
+        if scale != 1:
+            est = est * scale
     if not create_graph:
         out, est = out.detach(), est.detach()
     return out, est
