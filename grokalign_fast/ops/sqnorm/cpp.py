@@ -5,6 +5,8 @@ The schema and the CPU/CUDA kernels live in ``csrc/``; importing this module
 without the extension does nothing (the reason is reported by
 ``grokalign_fast._backends.cpp_unavailable_reason``).
 """
+import math
+
 import torch
 
 from ..._backends import _load_extension
@@ -59,5 +61,5 @@ if _load_extension() is None:
 
 def probe_sqnorm(g: torch.Tensor) -> torch.Tensor:
     """``g``: [P, B, ...] -> [B] through the extension op."""
-    g3 = g.reshape(g.shape[0], g.shape[1], -1)
+    g3 = g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:]))
     return torch.ops.grokalign.probe_sqnorm(g3)
