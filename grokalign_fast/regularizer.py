@@ -20,7 +20,7 @@ StyleGAN2's path-length penalty), so its expectation per step is unchanged.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ from ._validation import (
     check_num_probes,
 )
 from .jacobian import ESTIMATORS, safe_sqrt, sq_norm_estimate
-from .probes import PROBES
+from .ops.mlp import model as mlp_model
+from .probes import PROBES, draw_probes
 
 
 class GrokAlign(nn.Module):
@@ -135,13 +136,7 @@ class GrokAlign(nn.Module):
             return out, out.new_zeros(())
         check_batch_input(x)
         idx = self._subsample_index(x.shape[0], x.device)
-        if idx is None:
-            out, est = self._estimate(x)
-        else:
-            # Output on the whole batch; penalty on the random subset (an extra,
-            # smaller forward on the reference path).
-            out = self.model(x)
-            _, est = self._estimate(x.index_select(0, idx))
+        out, est = self._estimate(x, idx)
         if self.check_finite_values:
             check_finite(est, "the Jacobian norm of the model at x")
         values = est if self.squared else safe_sqrt(est)
@@ -150,22 +145,49 @@ class GrokAlign(nn.Module):
         penalty = (level - self.target).abs() if self.target is not None else level
         return out, (self.weight * self.every) * penalty
 
-    def _estimate(self, x: torch.Tensor):
-        self.last_backend = "reference"
-        return sq_norm_estimate(
-            self.model,
-            x,
-            estimator=self.estimator,
-            num_probes=self.num_probes,
-            probes=self.probes,
-            generator=self.generator,
-            backend=self._reduction_backend(),
-            create_graph=True,
-        )
+    def fused_unavailable_reasons(self, x: torch.Tensor) -> Dict[str, Optional[str]]:
+        """Why each fused backend (cpp, triton) cannot run this model on ``x`` (None: it can)."""
+        if self.estimator != "forward":
+            reason = f'the fused path computes the forward (input-space) estimator, not estimator="{self.estimator}"'
+            return {"cpp": reason, "triton": reason}
+        steps, reason = mlp_model.plan(self.model)
+        if reason is not None:
+            return {"cpp": reason, "triton": reason}
+        reasons = mlp_model.unavailable_reasons(self.model, x, steps)
+        return {"cpp": reasons["cpp"], "triton": reasons["triton"]}
 
-    def _reduction_backend(self) -> str:
-        if self.backend == "triton":
+    def _choose_path(self, x: torch.Tensor) -> str:
+        """"cpp"/"triton" (fused forward-mode MLP) or "reference" (autograd / torch.func)."""
+        if self.backend == "reference":
+            return "reference"
+        reasons = self.fused_unavailable_reasons(x)
+        if self.backend == "auto":
+            for name in ("cpp", "triton"):
+                if reasons[name] is None and not (name == "triton" and _backends.triton_interpreted()):
+                    return name
+            return "reference"
+        if reasons[self.backend] is not None:
             raise _backends.BackendUnavailableError(
-                "backend='triton' cannot serve this model: the Triton path covers the fused MLP ops only"
+                f"backend={self.backend!r} cannot run this model: {reasons[self.backend]}"
             )
         return self.backend
+
+    def _estimate(self, x: torch.Tensor, idx: Optional[torch.Tensor]):
+        """``(model(x), est)`` with ``est[r]`` estimating ||J||_F^2 at ``x[idx[r]]`` (all rows if idx is None)."""
+        path = self._choose_path(x)
+        self.last_backend = path
+        xs = x if idx is None else x.index_select(0, idx)
+        if path in ("cpp", "triton"):
+            steps, _ = mlp_model.plan(self.model)
+            V = draw_probes(self.probes, self.num_probes, xs.shape[0], xs.shape[1:], dtype=x.dtype,
+                            device=x.device, generator=self.generator)
+            return mlp_model.dual_forward(steps, x, V, index=idx, training=self.model.training,
+                                          backend=path, generator=None)
+        if idx is None:
+            return sq_norm_estimate(self.model, x, estimator=self.estimator, num_probes=self.num_probes,
+                                    probes=self.probes, generator=self.generator, backend="auto", create_graph=True)
+        # Output on the whole batch; penalty on the random subset (an extra, smaller forward).
+        out = self.model(x)
+        _, est = sq_norm_estimate(self.model, xs, estimator=self.estimator, num_probes=self.num_probes,
+                                  probes=self.probes, generator=self.generator, backend="auto", create_graph=True)
+        return out, est

@@ -1,0 +1,236 @@
+"""GrokAlign: one model pass for output and penalty, schedules, fused backends vs the reference."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import grokalign_fast as ga
+from grokalign_fast import _backends, regularizer
+from grokalign_fast.regularizer import GrokAlign
+from models import SmallCNN, exact_sq_norms, mlp
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _fused_backends():
+    out = []
+    if _backends.cpp_unavailable_reason() is None and hasattr(torch.ops.grokalign, "dual_linear"):
+        out.append("cpp")
+    if _backends.triton_unavailable_reason(torch.device("cpu")) is None:
+        out.append("triton")
+    return out
+
+
+FUSED = _fused_backends()
+
+
+@pytest.mark.parametrize("estimator", ["reverse", "forward", "exact"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_output_and_penalty_match_jacobian_norm(estimator, squared):
+    model = mlp([9, 8, 6, 4], nn.GELU)
+    x = torch.randn(5, 9, dtype=torch.float64)
+    reg = GrokAlign(model, 0.25, estimator=estimator, num_probes=2, squared=squared, backend="reference",
+                    generator=_gen(1))
+    out, pen = reg(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    ref = ga.jacobian_norm(model, x, estimator=estimator, num_probes=2, squared=squared, generator=_gen(1))
+    torch.testing.assert_close(pen, 0.25 * ref, rtol=1e-13, atol=0)
+    assert pen.requires_grad and reg.last_backend == "reference"
+    torch.testing.assert_close(reg.last_norm, ref.detach())
+
+
+@pytest.mark.parametrize("estimator", ["reverse", "forward", "exact"])
+def test_model_runs_once(estimator):
+    model = mlp([9, 8, 4], nn.ReLU)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    reg = GrokAlign(model, 1.0, estimator=estimator, backend="reference")
+    out, pen = reg(torch.randn(3, 9, dtype=torch.float64))
+    (out.sum() + pen).backward()
+    assert len(calls) == 1
+
+
+def test_eval_mode_and_zero_weight_do_no_penalty_work(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("penalty work was done")
+
+    monkeypatch.setattr(regularizer, "sq_norm_estimate", fail)
+    monkeypatch.setattr(regularizer.mlp_model, "dual_forward", fail)
+    model = mlp([4, 5, 3])
+    x = torch.randn(2, 4, dtype=torch.float64)
+    reg = GrokAlign(model, 1.0).eval()
+    out, pen = reg(x)
+    assert pen.item() == 0.0 and not pen.requires_grad and reg.last_norm is None
+    torch.testing.assert_close(out, model(x))
+    reg = GrokAlign(model, 0.0)
+    assert reg(x)[1].item() == 0.0
+    with torch.no_grad():
+        assert GrokAlign(model, 1.0)(x)[1].item() == 0.0
+
+
+def test_target_level_penalty():
+    model = mlp([6, 7, 3], nn.Tanh)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    norm = ga.jacobian_norm(model, x, estimator="exact")
+    for level in (0.0, 0.5 * norm.item(), 2 * norm.item()):
+        reg = GrokAlign(model, 0.1, estimator="exact", target=level)
+        torch.testing.assert_close(reg(x)[1], 0.1 * (level - norm).abs())
+
+
+def test_every_n_steps_scaled_by_n():
+    model = mlp([6, 7, 3], nn.Tanh)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    full = GrokAlign(model, 0.1, estimator="exact")(x)[1]
+    reg = GrokAlign(model, 0.1, estimator="exact", every=3)
+    pens = [reg(x)[1] for _ in range(7)]
+    for i, p in enumerate(pens):
+        if i % 3 == 0:
+            torch.testing.assert_close(p, 3 * full)
+        else:
+            assert p.item() == 0.0 and reg.step == 7
+
+
+def test_subsample_is_unbiased_for_the_batch_mean():
+    model = mlp([6, 9, 3], nn.GELU)
+    x = torch.randn(10, 6, dtype=torch.float64)
+    full = GrokAlign(model, 1.0, estimator="exact", squared=True)(x)[1].item()
+    reg = GrokAlign(model, 1.0, estimator="exact", squared=True, subsample=0.3, generator=_gen(2))
+    vals = torch.tensor([reg(x)[1].item() for _ in range(400)])
+    se = vals.std() / math.sqrt(len(vals))
+    assert abs(vals.mean().item() - full) <= 5 * se.item()
+    assert vals.std() > 0  # the subsets really differ
+    out, _ = reg(x)
+    assert out.shape == (10, 3)
+    torch.testing.assert_close(GrokAlign(model, 1.0, estimator="exact", subsample=1.0)(x)[1],
+                               GrokAlign(model, 1.0, estimator="exact")(x)[1])
+
+
+ACT_MODULES = [nn.ReLU(), nn.LeakyReLU(0.2), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Tanh(),
+               nn.Sigmoid(), nn.Identity()]
+
+
+def _fused_model(act, bias=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 11, bias=bias), act, nn.Dropout(0.0),
+                         nn.Linear(11, 7, bias=bias), act, nn.Linear(7, 5, bias=bias)).double()
+
+
+def _step(model, x, **kw):
+    model.zero_grad()
+    reg = GrokAlign(model, 0.3, estimator="forward", **kw)
+    out, pen = reg(x)
+    (out.pow(2).sum() + pen).backward()
+    return reg, out.detach(), pen.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("act", ACT_MODULES, ids=lambda m: repr(m))
+@pytest.mark.parametrize("subsample", [None, 0.5])
+def test_fused_backend_equals_reference_float64(backend, act, subsample):
+    """Same generator state -> same probes -> same penalty and gradients (float64, 1e-10)."""
+    model = _fused_model(act, bias=not isinstance(act, nn.Tanh))
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    kw = dict(num_probes=2, probes="rademacher", subsample=subsample, squared=isinstance(act, nn.SiLU))
+    reg_ref, out_ref, pen_ref, g_ref = _step(model, x, backend="reference", generator=_gen(5), **kw)
+    reg, out, pen, g = _step(model, x, backend=backend, generator=_gen(5), **kw)
+    assert reg.last_backend == backend and reg_ref.last_backend == "reference"
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pen, pen_ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_float32_close_to_float64_reference(backend):
+    model = _fused_model(nn.GELU())
+    x = torch.randn(6, 12, dtype=torch.float64)
+    # Rademacher probes are the same numbers in every dtype.
+    _, _, pen64, g64 = _step(model, x, backend="reference", generator=_gen(5), num_probes=1, probes="rademacher")
+    model32 = _fused_model(nn.GELU()).float()
+    model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    gen = _gen(5)
+    reg = GrokAlign(model32, 0.3, estimator="forward", backend=backend, generator=gen, probes="rademacher")
+    out, pen = reg(x.float())
+    (out.pow(2).sum() + pen).backward()
+    torch.testing.assert_close(pen.double(), pen64, rtol=1e-5, atol=0)
+    for a, b in zip(model32.parameters(), g64):
+        torch.testing.assert_close(a.grad.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_dropout_shares_masks_between_primal_and_tangent(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 1, bias=False)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    reg = GrokAlign(model, 1.0, estimator="forward", backend=backend, probes="orthogonal", num_probes=6,
+                    squared=True, generator=_gen(0))
+    torch.manual_seed(3)
+    out, pen = reg(x)
+    # With the mask m drawn by the fused pass, f(x) = w^T (m * relu(W x + b)): J = (w * m * [z>0])^T W exactly.
+    torch.manual_seed(3)
+    keep = (torch.rand(5, 40) >= 0.5).double() * 2
+    z = x @ model[0].weight.t() + model[0].bias
+    J = (model[3].weight * keep * (z > 0)).unsqueeze(1) @ model[0].weight  # [5, 1, 6]
+    torch.testing.assert_close(out, (torch.relu(z) * keep) @ model[3].weight.t())
+    torch.testing.assert_close(pen, J.pow(2).sum((1, 2)).mean(), rtol=1e-10, atol=1e-12)
+
+
+def test_auto_uses_a_fused_backend_when_it_can():
+    model = _fused_model(nn.ReLU())
+    reg = GrokAlign(model, 0.1, estimator="forward")
+    reg(torch.randn(3, 12, dtype=torch.float64))
+    expected = "cpp" if "cpp" in FUSED else "reference"  # auto never picks the Triton interpreter
+    assert reg.last_backend == expected
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_explicit_fused_backend_on_unsupported_model_raises_with_reason(backend):
+    x = torch.randn(2, 2, 5, 7, dtype=torch.float64)
+    with pytest.raises(_backends.BackendUnavailableError, match=r"SmallCNN"):
+        GrokAlign(SmallCNN().double(), 0.1, estimator="forward", backend=backend)(x)
+    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 3)).double()
+    with pytest.raises(_backends.BackendUnavailableError, match=r"must directly follow an nn.Linear"):
+        GrokAlign(model, 0.1, estimator="forward", backend=backend)(torch.randn(2, 4, dtype=torch.float64))
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double()
+    with pytest.raises(_backends.BackendUnavailableError, match=r"LayerNorm"):
+        GrokAlign(model, 0.1, estimator="forward", backend=backend)(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_unsupported_model_falls_back_to_reference_under_auto():
+    model = SmallCNN().double()
+    x = torch.randn(2, 2, 5, 7, dtype=torch.float64)
+    reg = GrokAlign(model, 0.1, estimator="forward")
+    _, pen = reg(x)
+    assert reg.last_backend == "reference"
+    torch.testing.assert_close(pen.detach(), 0.1 * exact_sq_norms(model, x).sqrt().mean(), rtol=2.0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(weight=-1.0), r"weight must be a finite number >= 0"),
+        (dict(weight="a"), r"weight must be a real number"),
+        (dict(weight=1.0, estimator="jvp"), r"estimator must be one of"),
+        (dict(weight=1.0, num_probes=0), r"num_probes must be >= 1"),
+        (dict(weight=1.0, subsample=0.0), r"subsample must be a fraction in \(0, 1\]"),
+        (dict(weight=1.0, every=0), r"every must be an int >= 1"),
+        (dict(weight=1.0, backend="gpu"), r"backend must be one of"),
+        (dict(weight=1.0, probes="uniform"), r"probes must be one of"),
+        (dict(weight=1.0, target=-2.0), r"target must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        GrokAlign(mlp([3, 2]), **kwargs)
+
+
+def test_bad_input_through_module():
+    reg = GrokAlign(mlp([3, 2]), 0.1)
+    with pytest.raises(TypeError, match=r"\bx\b.*floating-point"):
+        reg(torch.ones(2, 3, dtype=torch.long))
+    reg = GrokAlign(mlp([3, 4, 2], nn.Tanh), 0.1)  # J depends on x: a nan input gives a nan Jacobian
+    with pytest.raises(FloatingPointError, match="not finite"):
+        reg(torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64))
