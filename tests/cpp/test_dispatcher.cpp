@@ -1,0 +1,154 @@
+// libtorch check of the grokalign operators built by CMakeLists.txt: looks the
+// operators up in the dispatcher (so it proves that linking grokalign_ops
+// registers them), runs them on the CPU and compares with plain ATen. Built
+// with GROKALIGN_TEST_CUDA (CMake: GROKALIGN_WITH_CUDA=ON), it also requires the
+// CUDA kernels to be registered and, when a GPU is present, checks their numbers.
+// Exit status 0 when every check passes, 1 otherwise.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <optional>
+#include <string>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("%s  %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+void expect_close(const at::Tensor& got, const at::Tensor& want, double rtol, double atol,
+                  const std::string& what) {
+  const bool same_meta = got.sizes() == want.sizes() && got.scalar_type() == want.scalar_type();
+  const bool close = same_meta && at::allclose(got, want, rtol, atol);
+  std::string detail = what;
+  if (!same_meta) {
+    detail += " (got " + c10::str(got.sizes(), " ", got.scalar_type()) + ", want " +
+              c10::str(want.sizes(), " ", want.scalar_type()) + ")";
+  } else if (!close) {
+    detail += " (max abs err " + c10::str((got - want).abs().max().item<double>()) + ")";
+  }
+  expect(close, detail);
+}
+
+// The specification, in ATen: out[b] = (1/P) sum_{p,n} g[p,b,n]^2.
+at::Tensor reference_sqnorm(const at::Tensor& g) {
+  const at::Tensor g64 = g.to(at::kDouble);
+  return (g64.pow(2).sum({0, 2}) / static_cast<double>(g.size(0))).to(g.scalar_type());
+}
+
+// grad_g[p,b,n] = (2/P) g[p,b,n] grad_out[b].
+at::Tensor reference_sqnorm_backward(const at::Tensor& g, const at::Tensor& grad_out) {
+  const at::Tensor g64 = g.to(at::kDouble);
+  const at::Tensor d64 = grad_out.to(at::kDouble).view({1, -1, 1});
+  return (g64 * d64 * (2.0 / static_cast<double>(g.size(0)))).to(g.scalar_type());
+}
+
+// Runs both operators on `device` over dtypes and odd shapes (empty ones and a
+// non-contiguous input too) and compares with the float64 ATen reference.
+template <typename Sqnorm, typename SqnormBackward>
+void check_numbers(const Sqnorm& sqnorm, const SqnormBackward& sqnorm_backward, at::Device device) {
+  struct Case {
+    at::ScalarType dtype;
+    double rtol, atol;
+  };
+  // half/bfloat16 accumulate in float inside the kernels.
+  const Case cases[] = {{at::kDouble, 1e-12, 1e-12},
+                        {at::kFloat, 1e-5, 1e-6},
+                        {at::kHalf, 1e-2, 1e-3},
+                        {at::kBFloat16, 2e-2, 1e-2}};
+  const int64_t shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {4, 6, 131}, {2, 0, 9}, {2, 3, 0}};
+  const std::string on = " on " + device.str();
+  for (const auto& c : cases) {
+    const auto opts = at::TensorOptions().dtype(c.dtype);
+    for (const auto& s : shapes) {
+      const std::string tag = c10::str(c.dtype, " [", s[0], ", ", s[1], ", ", s[2], "]", on);
+      const at::Tensor g = at::randn({s[0], s[1], s[2]}, opts);
+      const at::Tensor grad_out = at::randn({s[1]}, opts);
+      expect_close(sqnorm.call(g.to(device)).cpu(), reference_sqnorm(g), c.rtol, c.atol,
+                   "probe_sqnorm " + tag);
+      expect_close(sqnorm_backward.call(g.to(device), grad_out.to(device)).cpu(),
+                   reference_sqnorm_backward(g, grad_out), c.rtol, c.atol,
+                   "probe_sqnorm_backward " + tag);
+    }
+    // Non-contiguous inputs: a [B, P, N] tensor seen as [P, B, N], a strided grad_out.
+    const at::Tensor g = at::randn({5, 3, 17}, opts).to(device).transpose(0, 1);
+    const at::Tensor grad_out = at::randn({10}, opts).to(device).slice(0, 0, 10, 2);
+    expect_close(sqnorm.call(g).cpu(), reference_sqnorm(g.cpu()), c.rtol, c.atol,
+                 c10::str("probe_sqnorm ", c.dtype, " non-contiguous", on));
+    expect_close(sqnorm_backward.call(g, grad_out).cpu(),
+                 reference_sqnorm_backward(g.cpu(), grad_out.cpu()), c.rtol, c.atol,
+                 c10::str("probe_sqnorm_backward ", c.dtype, " non-contiguous", on));
+  }
+}
+
+}  // namespace
+
+int main() {
+  using SqnormFn = at::Tensor(const at::Tensor&);
+  using SqnormBackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&);
+  auto& dispatcher = c10::Dispatcher::singleton();
+  std::optional<c10::TypedOperatorHandle<SqnormFn>> sqnorm_op;
+  std::optional<c10::TypedOperatorHandle<SqnormBackwardFn>> sqnorm_backward_op;
+  try {
+    sqnorm_op = dispatcher.findSchemaOrThrow("grokalign::probe_sqnorm", "").typed<SqnormFn>();
+    sqnorm_backward_op =
+        dispatcher.findSchemaOrThrow("grokalign::probe_sqnorm_backward", "").typed<SqnormBackwardFn>();
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr,
+                 "FAIL  grokalign operators are not registered: was libgrokalign_ops linked "
+                 "(with --no-as-needed)?\n%s\n",
+                 e.what_without_backtrace());
+    return 1;
+  }
+  const auto& sqnorm = *sqnorm_op;
+  const auto& sqnorm_backward = *sqnorm_backward_op;
+  expect(sqnorm.hasKernelForDispatchKey(c10::DispatchKey::CPU), "probe_sqnorm has a CPU kernel");
+  expect(sqnorm_backward.hasKernelForDispatchKey(c10::DispatchKey::CPU),
+         "probe_sqnorm_backward has a CPU kernel");
+
+  at::manual_seed(0);
+  try {
+    check_numbers(sqnorm, sqnorm_backward, at::kCPU);
+#ifdef GROKALIGN_TEST_CUDA
+    expect(sqnorm.hasKernelForDispatchKey(c10::DispatchKey::CUDA), "probe_sqnorm has a CUDA kernel");
+    expect(sqnorm_backward.hasKernelForDispatchKey(c10::DispatchKey::CUDA),
+           "probe_sqnorm_backward has a CUDA kernel");
+    if (at::hasCUDA()) {
+      check_numbers(sqnorm, sqnorm_backward, at::kCUDA);
+    } else {
+      std::printf("skip  CUDA numbers: no GPU here\n");
+    }
+#endif
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "FAIL  unexpected error: %s\n", e.what_without_backtrace());
+    return 1;
+  }
+
+  // Bad inputs must raise a c10::Error, not crash.
+  auto raises = [](auto&& fn) {
+    try {
+      fn();
+    } catch (const c10::Error&) {
+      return true;
+    }
+    return false;
+  };
+  expect(raises([&] { sqnorm.call(at::randn({3, 4})); }), "probe_sqnorm rejects a 2-D input");
+  expect(raises([&] { sqnorm.call(at::randn({0, 4, 5})); }), "probe_sqnorm rejects P = 0");
+  expect(raises([&] { sqnorm.call(at::ones({2, 3, 4}, at::kLong)); }),
+         "probe_sqnorm rejects an integer input");
+  expect(raises([&] { sqnorm_backward.call(at::randn({2, 3, 4}), at::randn({4})); }),
+         "probe_sqnorm_backward rejects grad_out of the wrong length");
+
+  if (failures != 0) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}
