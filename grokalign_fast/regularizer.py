@@ -36,6 +36,7 @@ from ._validation import (
 )
 from .jacobian import ESTIMATORS, safe_sqrt, sq_norm_estimate
 from .ops.mlp import model as mlp_model
+from .ops.mlp import reverse as mlp_reverse
 from .probes import PROBES, draw_probes
 
 
@@ -146,23 +147,37 @@ class GrokAlign(nn.Module):
         return out, (self.weight * self.every) * penalty
 
     def fused_unavailable_reasons(self, x: torch.Tensor) -> Dict[str, Optional[str]]:
-        """Why each fused backend (cpp, triton) cannot run this model on ``x`` (None: it can)."""
-        if self.estimator != "forward":
-            reason = f'the fused path computes the forward (input-space) estimator, not estimator="{self.estimator}"'
-            return {"cpp": reason, "triton": reason}
+        """Why each one-pass path cannot run this model on ``x`` (None: it can).
+
+        Keys: "cpp" and "triton" (the fused forward-mode MLP kernels) and
+        "reverse_mlp" (the one-pass output-space estimator for piecewise-linear MLPs).
+        """
         steps, reason = mlp_model.plan(self.model)
-        if reason is not None:
-            return {"cpp": reason, "triton": reason}
-        reasons = mlp_model.unavailable_reasons(self.model, x, steps)
-        return {"cpp": reasons["cpp"], "triton": reasons["triton"]}
+        if self.estimator == "forward" and reason is None:
+            reasons = mlp_model.unavailable_reasons(self.model, x, steps)
+            reasons = {"cpp": reasons["cpp"], "triton": reasons["triton"]}
+        else:
+            why = reason or f'the fused kernels compute the forward (input-space) estimator, not "{self.estimator}"'
+            reasons = {"cpp": why, "triton": why}
+        if self.estimator != "reverse":
+            reasons["reverse_mlp"] = f'the one-pass reverse path computes estimator="reverse", not "{self.estimator}"'
+        elif reason is not None:
+            reasons["reverse_mlp"] = reason
+        else:
+            reasons["reverse_mlp"] = mlp_reverse.unavailable_reason(steps, self.model.training)
+            if reasons["reverse_mlp"] is None:
+                shape_reason = mlp_model.unavailable_reasons(self.model, x, steps)["reference"]
+                reasons["reverse_mlp"] = shape_reason
+        return reasons
 
     def _choose_path(self, x: torch.Tensor) -> str:
-        """"cpp"/"triton" (fused forward-mode MLP) or "reference" (autograd / torch.func)."""
+        """"cpp"/"triton" (fused forward-mode MLP), "reverse_mlp" (one-pass output-space MLP)
+        or "reference" (autograd / torch.func)."""
         if self.backend == "reference":
             return "reference"
         reasons = self.fused_unavailable_reasons(x)
         if self.backend == "auto":
-            for name in ("cpp", "triton"):
+            for name in ("cpp", "triton", "reverse_mlp"):
                 if reasons[name] is None and not (name == "triton" and _backends.triton_interpreted()):
                     return name
             return "reference"
@@ -177,6 +192,12 @@ class GrokAlign(nn.Module):
         path = self._choose_path(x)
         self.last_backend = path
         xs = x if idx is None else x.index_select(0, idx)
+        if path == "reverse_mlp":
+            steps, _ = mlp_model.plan(self.model)
+            C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
+            U = draw_probes(self.probes, self.num_probes, xs.shape[0], (C,), dtype=x.dtype, device=x.device,
+                            generator=self.generator)
+            return mlp_reverse.reverse_forward(steps, x, U, idx)
         if path in ("cpp", "triton"):
             steps, _ = mlp_model.plan(self.model)
             V = draw_probes(self.probes, self.num_probes, xs.shape[0], xs.shape[1:], dtype=x.dtype,

@@ -234,3 +234,48 @@ def test_bad_input_through_module():
     reg = GrokAlign(mlp([3, 4, 2], nn.Tanh), 0.1)  # J depends on x: a nan input gives a nan Jacobian
     with pytest.raises(FloatingPointError, match="not finite"):
         reg(torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64))
+
+
+PL_ACTS = [nn.ReLU(), nn.LeakyReLU(0.1), nn.Identity()]
+
+
+@pytest.mark.parametrize("act", PL_ACTS, ids=repr)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("subsample", [None, 0.5])
+@pytest.mark.parametrize("squared", [False, True])
+def test_one_pass_reverse_mlp_equals_autograd_reverse(act, bias, subsample, squared):
+    """The one-pass output-space path (tangent along J^T u + outer products) == double backward, float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 11, bias=bias), act, nn.Linear(11, 7, bias=bias), act,
+                          nn.Dropout(0.3), nn.Linear(7, 5, bias=bias)).double().eval()
+    model.train()  # dropout in training is refused by the one-pass path: eval it, but keep GrokAlign training
+    model[5].p = 0.0
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    res = {}
+    for be in ("reference", "auto"):
+        model.zero_grad()
+        x.grad = None
+        reg = GrokAlign(model, 0.3, estimator="reverse", num_probes=3, subsample=subsample, squared=squared,
+                        backend=be, generator=_gen(3))
+        out, pen = reg(x)
+        (out.pow(2).sum() + pen).backward()
+        res[be] = (reg.last_backend, out.detach(), pen.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()])
+    assert res["reference"][0] == "reference" and res["auto"][0] == "reverse_mlp"
+    for a, b in zip(res["auto"][1:4], res["reference"][1:4]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(res["auto"][4], res["reference"][4]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_one_pass_reverse_mlp_refuses_smooth_activations_and_training_dropout():
+    reg = GrokAlign(_fused_model(nn.GELU()), 0.1, estimator="reverse")
+    reasons = reg.fused_unavailable_reasons(torch.randn(2, 12, dtype=torch.float64))
+    assert "piecewise-linear" in reasons["reverse_mlp"]
+    reg(torch.randn(2, 12, dtype=torch.float64))
+    assert reg.last_backend == "reference"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, 2)).double()
+    reg = GrokAlign(model, 0.1, estimator="reverse")
+    assert "dropout" in reg.fused_unavailable_reasons(torch.randn(2, 4, dtype=torch.float64))["reverse_mlp"]
+    with pytest.raises(_backends.BackendUnavailableError, match="forward"):
+        GrokAlign(model, 0.1, estimator="reverse", backend="cpp")(torch.randn(2, 4, dtype=torch.float64))
