@@ -279,3 +279,17 @@ def test_one_pass_reverse_mlp_refuses_smooth_activations_and_training_dropout():
     assert "dropout" in reg.fused_unavailable_reasons(torch.randn(2, 4, dtype=torch.float64))["reverse_mlp"]
     with pytest.raises(_backends.BackendUnavailableError, match="forward"):
         GrokAlign(model, 0.1, estimator="reverse", backend="cpp")(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_auto_estimator_picks_the_smaller_probe_space():
+    x = torch.randn(3, 12, dtype=torch.float64)
+    reg = GrokAlign(_fused_model(nn.ReLU()), 0.1, estimator="auto")  # 12 inputs, 5 outputs
+    reg(x)
+    assert reg.estimator == "reverse" and reg.requested_estimator == "auto"
+    wide_out = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 20)).double()
+    reg = GrokAlign(wide_out, 0.1, estimator="auto")
+    reg(torch.randn(3, 3, dtype=torch.float64))
+    assert reg.estimator == "forward"
+    reg = GrokAlign(SmallCNN().double(), 0.1, estimator="auto")  # not an MLP: sizes from one forward
+    reg(torch.randn(2, 2, 5, 7, dtype=torch.float64))
+    assert reg.estimator == "reverse"
