@@ -1,0 +1,4 @@
+NAME = "modadd"
+HELP = "todo"
+def add_arguments(p): pass
+def main(args): raise NotImplementedError
