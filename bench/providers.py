@@ -1,0 +1,125 @@
+"""Training-step providers: the autograd baselines and our paths.
+
+Every provider returns ``step()`` doing one full training step (forward,
+penalty, backward, AdamW) of its own copy of the model, and
+``penalty_value()`` for the correctness check that runs before any timing.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grokalign_fast import GrokAlign, _backends
+from grokalign_fast.ops.mlp import model as mlp_model
+
+LAMBDA = 1e-4
+
+
+def make_model(sizes, dtype, bias=False, seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def make_batch(sizes, batch, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, sizes[0], generator=g, dtype=dtype)
+    y = F.one_hot(torch.randint(0, sizes[-1], (batch,), generator=g), sizes[-1]).to(dtype)
+    return x, y
+
+
+def authors_penalty(model, x):
+    """The authors' GrokAlign: an extra forward, one output-space projection with
+    create_graph, per-sample sqrt(max(C ||u^T J||^2, 1e-8)), batch mean."""
+    xg = x.detach().requires_grad_(True)
+    out = model(xg)
+    C = out.shape[1]
+    u = torch.randn_like(out)
+    u = u / u.norm(dim=1, keepdim=True)
+    (g,) = torch.autograd.grad(out, xg, u, create_graph=True)
+    est = C * g.pow(2).sum(dim=1)
+    return torch.sqrt(torch.clamp(est, min=1e-8)).mean()
+
+
+def _dual_reference_forward(model, x, gen):
+    steps, _ = mlp_model.plan(model)
+    V = torch.randn((1,) + tuple(x.shape), generator=gen, dtype=x.dtype)
+    out, sq = mlp_model.dual_forward(steps, x, V, backend="reference")
+    return out, sq
+
+
+def providers(model0: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[Callable, Callable]]:
+    """name -> (make_step(y), penalty_fn) for every provider that can run here."""
+    table = {}
+
+    def add(name, forward_factory):
+        model = copy.deepcopy(model0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        forward = forward_factory(model)
+        table[name] = (model, opt, forward)
+
+    add("plain", lambda m: (lambda: (m(x), torch.zeros((), dtype=x.dtype))))
+    add("authors", lambda m: (lambda: (m(x), LAMBDA * authors_penalty(m, x))))
+    def reg(**kw):
+        def factory(m):
+            r = GrokAlign(m, LAMBDA, **kw)
+            return lambda: r(x)
+
+        return factory
+
+    add("hoffman_vjp", reg(estimator="reverse", backend="reference"))
+    add("func_jvp", reg(estimator="forward", backend="reference"))
+    add("exact", reg(estimator="exact", backend="reference"))
+
+    def dual_ref(m):
+        gen = torch.Generator().manual_seed(0)
+
+        def fwd():
+            out, sq = _dual_reference_forward(m, x, gen)
+            return out, LAMBDA * sq.sqrt().mean()
+
+        return fwd
+
+    add("dual_reference", dual_ref)
+    fused = []
+    if _backends.cpp_unavailable_reason(x.device) is None and hasattr(torch.ops.grokalign, "dual_linear"):
+        fused.append("cpp")
+    if x.device.type == "cuda" and _backends.triton_unavailable_reason(x.device) is None:
+        fused.append("triton")
+    for be in fused:
+        add(f"fused_{be}", reg(estimator="forward", backend=be))
+        add(f"fused_{be}_sub0.25", reg(estimator="forward", backend=be, subsample=0.25))
+        add(f"fused_{be}_every4", reg(estimator="forward", backend=be, every=4))
+    return table
+
+
+def make_step(model, opt, forward, y) -> Callable[[], None]:
+    def step():
+        out, pen = forward()
+        loss = F.mse_loss(out, y) + pen
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def saved_bytes(step: Callable[[], None]) -> int:
+    """Bytes of tensors saved for backward during one step (a device-independent memory measure)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total[0]
