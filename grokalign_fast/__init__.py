@@ -12,6 +12,7 @@ from . import metrics
 from ._backends import BackendUnavailableError, available_backends
 from .centroids import centroid, centroid_alignment, centroid_inner_product, centroid_norm
 from .jacobian import jacobian, jacobian_norm
+from .monitor import GrokMonitor
 from .probes import draw_probes
 from .regularizer import GrokAlign
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "GrokAlign",
+    "GrokMonitor",
     "available_backends",
     "centroid",
     "centroid_alignment",
