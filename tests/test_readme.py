@@ -1,0 +1,17 @@
+"""The README's API tour runs as written."""
+import pathlib
+import re
+
+import torch
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_api_tour_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python block"
+    torch.manual_seed(0)
+    scope = {}
+    exec(compile(blocks[0], str(README), "exec"), scope)
+    assert scope["penalty"].requires_grad
+    assert scope["reg"].last_backend in ("cpp", "reverse_mlp", "reference")
