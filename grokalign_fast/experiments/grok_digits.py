@@ -20,8 +20,15 @@ Methods: ``baseline`` (weight decay only); ``grokalign`` (the library's GrokAlig
 defaults chosen on the digits, see ``DEFAULT_GROKALIGN``); ``grokalign-paper`` (the
 paper's lambda 1e-4 MSE / 1e-3 CE, authors' estimator, opt-in: it is as slow as the
 baseline); ``grokfast`` (EMA alpha 0.8, lambda 0.1); ``noise`` ("adversarial"
-training, Gaussian input noise sigma = max(0.06 (1 - train acc), 0.03)); and
-``grokalign+grokfast``.
+training, Gaussian input noise sigma = max(0.06 (1 - train acc), 0.03), with the
+training accuracy of the last evaluation); and ``grokalign+grokfast``.
+
+Seeds: ``--seeds`` (default 5) for every method except the ~40k-step ones: the
+baseline runs ``--baseline-seeds`` (default 3) and grokfast / grokalign-paper
+``--slow-seeds`` (default 2), so that the default run (``make demo``) fits 10 minutes
+on 2 cores; ``--baseline-seeds 5 --slow-seeds 5`` gives the full study. Runs go to
+``--jobs`` worker processes (default 2), one thread each. The data split is fixed
+(``split_seed`` 0); the seed sets the init, the batch order and the probes.
 """
 from __future__ import annotations
 
@@ -43,8 +50,9 @@ HELP = "Omnigrok grokking on the digits: baseline vs GrokAlign, Grokfast, noise,
 
 DEFAULT_METHODS = ("baseline", "grokalign", "grokfast", "noise", "grokalign+grokfast")
 ALL_METHODS = DEFAULT_METHODS + ("grokalign-paper",)
-# Methods expected to need the baseline's ~35k steps: the demo runs fewer seeds of them.
-SLOW_METHODS = ("baseline", "grokfast", "noise", "grokalign-paper")
+# Methods measured to need the baseline's ~40k steps on the digits: the default demo runs
+# fewer seeds of them (--baseline-seeds, --slow-seeds) to fit 10 minutes on 2 cores.
+SLOW_METHODS = ("baseline", "grokfast", "grokalign-paper")
 
 # GrokAlign on the digits (chosen by a sweep, see docs/experiments.md): the squared norm
 # (Hoffman et al.) with lambda 5e-3, computed lazily every 4th step (weight x4 then, so
@@ -73,6 +81,7 @@ class Config:
     ga_every: int = DEFAULT_GROKALIGN["every"]
     ga_estimator: str = DEFAULT_GROKALIGN["estimator"]
     ga_probes: int = DEFAULT_GROKALIGN["num_probes"]
+    ga_backend: str = "auto"
     grokfast_alpha: float = 0.8
     grokfast_lamb: float = 0.1
     noise_scale: float = 0.06
@@ -97,10 +106,11 @@ def threshold_for(cfg: Config, split: data.Split) -> float:
 
 def grokalign_kwargs(cfg: Config, method: str) -> Optional[Dict]:
     if method == "grokalign-paper":
-        return dict(weight=PAPER_LAMBDA[cfg.loss], squared=False, every=1, estimator="reverse", num_probes=1)
+        return dict(weight=PAPER_LAMBDA[cfg.loss], squared=False, every=1, estimator="reverse", num_probes=1,
+                    backend=cfg.ga_backend)
     if method.startswith("grokalign"):
         return dict(weight=cfg.ga_weight, squared=cfg.ga_squared, every=cfg.ga_every,
-                    estimator=cfg.ga_estimator, num_probes=cfg.ga_probes)
+                    estimator=cfg.ga_estimator, num_probes=cfg.ga_probes, backend=cfg.ga_backend)
     return None
 
 
@@ -165,9 +175,10 @@ def run_one(cfg: Config, method: str, seed: int, *, split: Optional[data.Split] 
                 opt.step()
             step += 1
             if reg is not None and reg.last_norm is not None:
-                last_pen, last_norm = float(pen.detach()), float(reg.last_norm)
+                last_pen, last_norm = pen.detach(), reg.last_norm  # converted at evaluation (no per-step sync)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last_loss = float(task.detach())
+                last_pen, last_norm = float(last_pen), float(last_norm)
                 train_acc = common.accuracy(model, xtr, ytr)
                 test_acc = common.accuracy(model, xte, yte)
                 if mem_step is None and train_acc >= 1.0:
@@ -215,15 +226,29 @@ def _worker(payload):
     return run_one(cfg, method, seed)
 
 
-def tasks_for(methods, seeds: int, slow_seeds: int):
+def seeds_per_method(methods, seeds: int, slow_seeds: int, baseline_seeds: int) -> Dict[str, int]:
+    n = {}
+    for m in methods:
+        if m == "baseline":
+            n[m] = min(seeds, baseline_seeds)
+        elif m in SLOW_METHODS:
+            n[m] = min(seeds, slow_seeds)
+        else:
+            n[m] = seeds
+    return n
+
+
+def tasks_for(n_seeds: Dict[str, int]):
     """(method, seed) pairs, the slow methods first (longest-first packing for the process pool)."""
-    slow = [(m, s) for s in range(min(seeds, slow_seeds)) for m in methods if m in SLOW_METHODS]
-    fast = [(m, s) for s in range(seeds) for m in methods if m not in SLOW_METHODS]
+    slow = [(m, s) for s in range(max(n_seeds.values(), default=0)) for m in n_seeds
+            if m in SLOW_METHODS and s < n_seeds[m]]
+    fast = [(m, s) for s in range(max(n_seeds.values(), default=0)) for m in n_seeds
+            if m not in SLOW_METHODS and s < n_seeds[m]]
     return slow + fast
 
 
-def run_all(cfg: Config, methods, seeds: int, slow_seeds: int, jobs: int) -> List[Dict]:
-    tasks = tasks_for(methods, seeds, slow_seeds)
+def run_all(cfg: Config, n_seeds: Dict[str, int], jobs: int) -> List[Dict]:
+    tasks = tasks_for(n_seeds)
     runs: List[Dict] = []
     bar = common.tqdm_bar(total=len(tasks), desc=f"{NAME} runs", unit="run")
     try:
@@ -315,10 +340,11 @@ def plot(runs: List[Dict], methods, path: str, threshold: float) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {','.join(ALL_METHODS)}")
+    p.add_argument("--baseline-seeds", type=int, default=3,
+                   help="seeds of the baseline (~40k steps each); default 3 so `make demo` fits 10 minutes "
+                        "on 2 cores; set it to --seeds for the full study")
     p.add_argument("--slow-seeds", type=int, default=2,
-                   help="seeds for the methods that need the baseline's ~40k steps (%s); default 2 so "
-                        "`make demo` fits 10 minutes on 2 cores; set it to --seeds for the full study"
-                        % ",".join(SLOW_METHODS))
+                   help="seeds of grokfast and grokalign-paper (as slow as the baseline); default 2")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel worker processes, one thread each (default: min(2, cores))")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse")
@@ -327,6 +353,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--squared", action=argparse.BooleanOptionalAction, default=DEFAULT_GROKALIGN["squared"])
     p.add_argument("--ga-every", type=int, default=DEFAULT_GROKALIGN["every"], help="GrokAlign's every=n")
     p.add_argument("--num-probes", type=int, default=DEFAULT_GROKALIGN["num_probes"])
+    p.add_argument("--backend", default="auto", help="GrokAlign backend (auto, reference, cpp, triton)")
     p.add_argument("--max-steps", type=int, default=None, help="step cap (default 60000; quick 300)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 100)")
     p.add_argument("--threshold", type=float, default=None, help="grokked test accuracy (default 0.89; MNIST 0.85)")
@@ -337,7 +364,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> Config:
     cfg = Config(loss=args.loss, ga_estimator=args.estimator, ga_squared=args.squared, ga_every=args.ga_every,
-                 ga_probes=args.num_probes, threshold=args.threshold, init_scale=args.init_scale,
+                 ga_probes=args.num_probes, ga_backend=args.backend, threshold=args.threshold, init_scale=args.init_scale,
                  n_train=args.n_train, data_dir=args.data_dir, dtype=args.dtype)
     if args.lam is not None:
         cfg.ga_weight = args.lam
@@ -357,7 +384,8 @@ def main(args) -> Dict:
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; choose from {ALL_METHODS}")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    slow_seeds = min(seeds, 1 if args.quick else args.slow_seeds)
+    n_seeds = seeds_per_method(methods, seeds, 1 if args.quick else args.slow_seeds,
+                               1 if args.quick else args.baseline_seeds)
     jobs = 1 if args.quick else max(1, args.jobs)
     cfg = config_from_args(args)
     out = common.out_dir(args.out, NAME)
@@ -366,17 +394,16 @@ def main(args) -> Dict:
     notes = [
         f"data: {split.name}, {len(split.x_train)} train / {len(split.x_test)} test; grokked = test accuracy "
         f">= {threshold} checked every {cfg.eval_every} steps; step cap {cfg.max_steps} (a capped run is not grokked)",
-        f"seeds: {seeds} for {', '.join(m for m in methods if m not in SLOW_METHODS) or '-'}; "
-        f"{slow_seeds} for {', '.join(m for m in methods if m in SLOW_METHODS) or '-'}"
-        + (" (the default demo runs fewer seeds of the slow methods to fit 10 minutes; --slow-seeds N)"
-           if slow_seeds < seeds else ""),
+        "seeds: " + ", ".join(f"{m} {k}" for m, k in n_seeds.items())
+        + (" (fewer seeds of the ~40k-step methods so the default demo fits 10 minutes on 2 cores; "
+           "--baseline-seeds N --slow-seeds N for the full study)" if min(n_seeds.values()) < seeds else ""),
         f"GrokAlign: weight {cfg.ga_weight}, squared={cfg.ga_squared}, every={cfg.ga_every}, "
-        f"estimator={cfg.ga_estimator!r}, num_probes={cfg.ga_probes}",
+        f"estimator={cfg.ga_estimator!r}, num_probes={cfg.ga_probes}, backend={cfg.ga_backend!r}",
         "seconds: training steps only (wall, perf_counter; CPU: thread_time), one thread per run, "
         f"{jobs} run(s) in parallel; evaluation and monitoring excluded",
     ]
     print(f"[{NAME}] " + "\n[{NAME}] ".format(NAME=NAME).join(notes), flush=True)
-    runs = run_all(cfg, methods, seeds, slow_seeds, jobs)
+    runs = run_all(cfg, n_seeds, jobs)
     stats = summary.summarise(runs, methods, baseline="baseline" if "baseline" in methods else None)
     rows = table_rows(methods, stats)
     table = common.print_table(TABLE_HEADERS, rows, title=f"{NAME}: time to the grokked state "
@@ -398,7 +425,7 @@ def main(args) -> Dict:
     wall = time.perf_counter() - t0
     result = dict(
         experiment=NAME, quick=bool(args.quick), config=asdict(cfg), methods=methods, baseline="baseline",
-        seeds=seeds, slow_seeds=slow_seeds, jobs=jobs, threshold=threshold, data=split.name,
+        seeds=seeds, seeds_per_method=n_seeds, jobs=jobs, threshold=threshold, data=split.name,
         summary={m: stats[m] for m in methods}, notes=notes, table=table, plots=[png, bars],
         wall_seconds=wall,
         runs=[{k: r[k] for k in run_keys} for r in runs],

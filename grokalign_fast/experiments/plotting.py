@@ -39,9 +39,10 @@ def panels(path: str, specs: Sequence[Dict], *, title: Optional[str] = None, nco
         if spec.get("diagonal"):
             lo, hi = ax.get_xlim()
             ax.plot([lo, hi], [lo, hi], color="k", ls=":", lw=1)
-        if spec.get("logy"):
+        series = spec.get("series", [])
+        if spec.get("logy") and any(v is not None and v > 0 for s in series for v in s["y"]):
             ax.set_yscale("log")
-        if spec.get("logx"):
+        if spec.get("logx") and any(v is not None and v > 0 for s in series for v in s["x"]):
             ax.set_xscale("log")
         ax.set_title(spec.get("title", ""), fontsize=10)
         ax.set_xlabel(spec.get("xlabel", ""))
@@ -85,7 +86,7 @@ def bars(path: str, labels: Sequence[str], values: Sequence[Optional[float]], er
     ax.set_xticklabels(labels, rotation=20, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    if logy:
+    if logy and any(v is not None and v > 0 for v in values):
         ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

@@ -1,0 +1,240 @@
+"""The experiments CLI (every experiment under --quick), GrokMonitor, and honest grokked/capped reporting."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from grokalign_fast.experiments import EXPERIMENTS, grok_digits, summary
+from grokalign_fast.experiments.__main__ import main as cli_main
+from grokalign_fast.monitor import PHASES, GrokMonitor, phase_from_alignment
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("GROKALIGN_NO_TQDM", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_outputs(folder):
+    files = os.listdir(folder)
+    assert "summary.json" in files
+    with open(os.path.join(folder, "summary.json")) as f:
+        result = json.load(f)
+    csvs = [n for n in files if n.endswith(".csv")]
+    pngs = [n for n in files if n.endswith(".png")]
+    assert csvs and pngs, files
+    for name in csvs:
+        with open(os.path.join(folder, name)) as f:
+            rows = list(csv.DictReader(f))
+        assert rows, f"{name} is empty"
+    for name in pngs:
+        with open(os.path.join(folder, name), "rb") as f:
+            assert f.read(8) == PNG_MAGIC, name
+    return result
+
+
+# ------------------------------------------------------------------ every experiment under --quick
+
+IN_PROCESS = [n for n in EXPERIMENTS if n != "ntk"]
+
+
+@pytest.mark.parametrize("name", IN_PROCESS)
+def test_experiment_quick_writes_outputs(name, tmp_path):
+    cli_main([name, "--quick", "--out", str(tmp_path)])
+    result = _check_outputs(tmp_path / name)
+    assert result["experiment"] == name and result["quick"] is True
+    assert "summary" in result and result["summary"]
+
+
+def test_cli_subprocess_quick(tmp_path):
+    """The ``python -m`` entry point itself (one experiment, in a fresh interpreter)."""
+    env = dict(os.environ, GROKALIGN_NO_TQDM="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "grokalign_fast.experiments", "ntk", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=170, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _check_outputs(tmp_path / "ntk")
+    assert "corr(measured, NTK-predicted)" in proc.stdout
+    assert result["summary"]["correlation"][0] > 0.9  # the NTK predicts the one-step change of <x, c(x)>
+
+
+def test_cli_rejects_unknown_experiment():
+    with pytest.raises(SystemExit):
+        cli_main(["no-such-experiment"])
+
+
+# ------------------------------------------------------------------ grok-digits: honest grokked / capped reporting
+
+
+def _digits_cfg(**kw):
+    base = dict(max_steps=100, eval_every=50, monitor_every=50, monitor_probe=8)
+    base.update(kw)
+    return grok_digits.Config(**base)
+
+
+def test_capped_run_is_not_grokked():
+    r = grok_digits.run_one(_digits_cfg(threshold=1.01), "grokalign", 0)
+    assert r["grokked"] is False and r["capped"] is True
+    assert r["grok_step"] is None and r["grok_seconds"] is None and r["phase_steps"] is None
+    assert r["steps_run"] == 100
+    assert all(row["test_acc"] < 1.01 for row in r["log"])
+
+
+def test_grokked_is_the_first_evaluation_at_threshold():
+    # A normal init (x1) generalises within a few hundred steps: 50% test accuracy is reached early.
+    r = grok_digits.run_one(_digits_cfg(init_scale=1.0, threshold=0.5, max_steps=2000), "baseline", 0)
+    assert r["grokked"] is True and r["capped"] is False
+    step = r["grok_step"]
+    assert step % 50 == 0 and r["steps_run"] == step  # the run stops at the grokked state
+    accs = {row["step"]: row["test_acc"] for row in r["log"]}
+    assert accs[step] >= 0.5
+    assert all(a < 0.5 for s, a in accs.items() if s < step)
+    assert r["grok_seconds"] > 0 and r["grok_cpu_seconds"] > 0
+    # phase: memorisation (train 100%) may come later than 50% test accuracy: then the phase is 0
+    assert r["phase_steps"] == (0 if r["mem_step"] is None else max(0, step - r["mem_step"]))
+
+
+def _fake(method, seed, step):
+    g = step is not None
+    return dict(method=method, seed=seed, grokked=g, grok_step=step, grok_seconds=None if not g else step / 1000,
+                grok_cpu_seconds=None if not g else step / 1000, phase_steps=0 if g else None,
+                phase_seconds=0.0 if g else None, steps_run=step if g else 500, mem_step=None)
+
+
+def test_summary_never_counts_a_capped_run():
+    runs = [_fake("baseline", s, v) for s, v in enumerate([400, 420, 440])]
+    runs += [_fake("fast", s, v) for s, v in enumerate([40, 44, 42])]
+    runs += [_fake("capped", s, v) for s, v in enumerate([100, None, 120])]
+    st = summary.summarise(runs, ["baseline", "fast", "capped"])
+    assert st["fast"]["all_grokked"] and st["fast"]["speedup_steps"] == pytest.approx(420 / 42)
+    assert st["fast"]["p_steps"] < 1e-3
+    c = st["capped"]
+    assert c["n"] == 3 and c["n_grokked"] == 2 and not c["all_grokked"]
+    assert c["steps"] == [100, None, 120] and c["steps_mean"] == pytest.approx(110)
+    assert c["speedup_steps"] is None and c["speedup_seconds"] is None  # never a censored speed-up
+    st = summary.summarise([_fake("baseline", 0, None), _fake("fast", 0, 40)], ["baseline", "fast"])
+    assert st["baseline"]["steps_mean"] is None and st["fast"]["speedup_steps"] is None
+    assert st["fast"]["p_steps"] is None
+
+
+def test_quick_summary_json_reports_capped_runs_as_null(tmp_path):
+    cli_main(["grok-digits", "--quick", "--methods", "baseline,grokalign", "--max-steps", "60", "--out", str(tmp_path)])
+    with open(tmp_path / "grok-digits" / "summary.json") as f:
+        result = json.load(f)
+    for m in ("baseline", "grokalign"):
+        s = result["summary"][m]
+        assert s["n_grokked"] == 0 and s["steps"] == [None] and s["steps_mean"] is None
+        assert s["speedup_steps"] is None
+    assert all(r["capped"] and r["grok_step"] is None for r in result["runs"])
+    assert "not grokked" in result["table"]
+
+
+# ------------------------------------------------------------------ GrokMonitor
+
+
+def test_phase_rule_on_synthetic_histories():
+    assert phase_from_alignment([]) == "memorising"
+    assert phase_from_alignment([0.1]) == "memorising"
+    flat = [0.01 + 0.001 * ((-1) ** i) for i in range(20)]
+    assert phase_from_alignment(flat) == "memorising"
+    rising = [0.01 * i for i in range(20)]
+    assert phase_from_alignment(rising) == "aligning"
+    plateau = [0.02 * i for i in range(10)] + [0.2] * 10
+    assert phase_from_alignment(plateau) == "plateau"
+    # a large init can start aligned, lose it, then re-align: the gain counts from the low
+    dip = [0.3, 0.01, 0.01, 0.02] + [0.02 + 0.02 * i for i in range(8)]
+    assert phase_from_alignment(dip) == "aligning"
+    assert phase_from_alignment(dip + [dip[-1]] * 8) == "plateau"
+    # below min_gain: a small rise that stopped is still memorising
+    assert phase_from_alignment([0.01, 0.02, 0.03] + [0.03] * 8) == "memorising"
+    assert set(PHASES) == {"memorising", "aligning", "plateau"}
+    with pytest.raises(ValueError):
+        phase_from_alignment(rising, window=1)
+
+
+class _Counting(nn.Module):
+    def __init__(self, d=6, c=3):
+        super().__init__()
+        self.lin = nn.Linear(d, c, bias=False)
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.lin(x)
+
+
+def test_monitor_values_on_a_linear_model():
+    torch.manual_seed(0)
+    model = _Counting().double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    rec = GrokMonitor(model, x, every=1).step(0)
+    W = model.lin.weight.detach()
+    c = W.sum(0)  # c(x) = W^T 1 for f(x) = W x
+    cos = (x @ c) / (x.norm(dim=1) * c.norm())
+    assert rec["centroid_alignment"] == pytest.approx(float(cos.mean()), rel=1e-10)
+    assert rec["centroid_norm"] == pytest.approx(float(c.norm()), rel=1e-10)
+    assert rec["centroid_inner_product"] == pytest.approx(float((x @ c).mean()), rel=1e-10)
+    assert rec["jacobian_norm"] == pytest.approx(float(W.norm()), rel=1e-10)
+    s = torch.linalg.svdvals(W)
+    assert rec["pc1"] == pytest.approx(float(s[0] ** 2 / (s ** 2).sum()), rel=1e-10)
+    assert 1.0 <= rec["effective_rank"] <= 3.0
+    # rank=False: one VJP for the centroid, probes for the norm (exact for a scalar output)
+    scalar = nn.Linear(6, 1, bias=False).double()
+    rec2 = GrokMonitor(scalar, x, every=1, rank=False).step(0)
+    assert rec2["jacobian_norm"] == pytest.approx(float(scalar.weight.detach().norm()), rel=1e-10)
+    assert "pc1" not in rec2
+
+
+def test_monitor_cost_is_bounded_and_leaves_training_untouched():
+    model = _Counting()
+    model.train()
+    x = torch.randn(1000, 6)
+    mon = GrokMonitor(model, x, every=10, max_probe=8)
+    assert mon.x_probe.shape[0] == 8
+    for step in range(0, 101):
+        mon(step)
+    assert len(mon.history) == 11 and [r["step"] for r in mon.history] == list(range(0, 101, 10))
+    assert max(model.batches) == 8  # only the fixed probe batch is ever evaluated
+    assert model.training  # mode restored
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradients
+    assert mon.total_seconds == pytest.approx(sum(r["monitor_seconds"] for r in mon.history))
+    assert mon.phase in PHASES
+
+
+def test_monitor_history_and_csv(tmp_path):
+    model = _Counting()
+    mon = GrokMonitor(model, torch.randn(4, 6), every=5)
+    assert mon.phase is None and mon(3) is None
+    mon(0, train_acc=0.5, note="start")
+    mon(5, train_acc=0.75)
+    mon(7, force=True)
+    assert [r["step"] for r in mon.history] == [0, 5, 7]
+    assert mon.column("train_acc") == [0.5, 0.75, None]
+    path = mon.to_csv(str(tmp_path / "m.csv"))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    for key in ("step", "centroid_alignment", "centroid_norm", "jacobian_norm", "pc1", "effective_rank", "phase",
+                "train_acc", "note"):
+        assert key in rows[0]
+    assert rows[0]["note"] == "start" and rows[2]["train_acc"] == ""
+    assert all(math.isfinite(float(r["centroid_alignment"])) for r in rows)
+
+
+def test_monitor_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        GrokMonitor(_Counting(), torch.randn(4, 6), every=0)
+    with pytest.raises(ValueError):
+        GrokMonitor(_Counting(), torch.randn(6), every=1)
+    with pytest.raises(TypeError):
+        GrokMonitor(42, torch.randn(4, 6))
