@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ._validation import check_batch_input, check_batch_output
-from .jacobian import _check_callable, _requires_grad_input, _vjps
+from ._validation import check_batch_input, check_batch_output, check_choice
+from .jacobian import REDUCTIONS, _check_callable, _requires_grad_input, _vjps, reduce
 
 _EPS = 1e-12
 
@@ -40,14 +40,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    from ._validation import check_choice
-
-    check_choice(reduction, "reduction", ("mean", "sum", "none"))
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    return values
+    check_choice(reduction, "reduction", REDUCTIONS)
+    return reduce(values, reduction)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = _EPS) -> torch.Tensor:

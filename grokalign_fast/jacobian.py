@@ -250,23 +250,12 @@ def jacobian(f: Callable, x: torch.Tensor, *, create_graph: Optional[bool] = Non
 
     Uses C vector-Jacobian products when C <= D, else D Jacobian-vector products.
     """
-    _check_callable(f)
-    check_batch_input(x)
     if create_graph is None:
         create_graph = torch.is_grad_enabled()
-    B = x.shape[0]
-    in_shape = tuple(x.shape[1:])
-    D = x[0].numel()
-    with torch.enable_grad():
-        x_ = _requires_grad_input(x)
-        out = check_batch_output(f(x_), B)
-        out_shape = tuple(out.shape[1:])
-        C = out[0].numel()
-        if C <= D:
-            G = _vjps(out, x_, [_basis(C, B, out_shape, out, c) for c in range(C)], create_graph)
-            J = G.reshape(C, B, D).transpose(0, 1)
-        else:
-            with torch.set_grad_enabled(create_graph):
-                _, T = _jvps(f, x, [_basis(D, B, in_shape, x, d) for d in range(D)])
-            J = T.reshape(D, B, C).permute(1, 2, 0)
+    out, G, _ = probe_products(f, x, estimator="exact", create_graph=create_graph)
+    B, C, D = x.shape[0], out[0].numel(), x[0].numel()
+    if C <= D:  # G holds the rows of J: [C, B, *in]
+        J = G.reshape(C, B, D).transpose(0, 1)
+    else:  # G holds the columns of J: [D, B, *out]
+        J = G.reshape(D, B, C).permute(1, 2, 0)
     return J if create_graph else J.detach()
