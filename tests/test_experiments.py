@@ -238,3 +238,17 @@ def test_monitor_rejects_bad_arguments():
         GrokMonitor(_Counting(), torch.randn(6), every=1)
     with pytest.raises(TypeError):
         GrokMonitor(42, torch.randn(4, 6))
+
+
+def test_method_seeds_option():
+    parse = grok_digits.parse_method_seeds
+    assert parse("none") == {} and parse("") == {}
+    assert parse("baseline=3,grokfast=2") == {"baseline": 3, "grokfast": 2}
+    n = grok_digits.seeds_per_method(["baseline", "grokalign"], 5, parse(grok_digits.DEMO_METHOD_SEEDS))
+    assert n == {"baseline": 3, "grokalign": 5}
+    assert grok_digits.seeds_per_method(["baseline"], 2, {"baseline": 3}) == {"baseline": 2}
+    for bad in ("baseline", "nope=2", "baseline=0", "baseline=x"):
+        with pytest.raises(SystemExit):
+            parse(bad)
+    tasks = grok_digits.tasks_for({"grokalign": 2, "baseline": 1})
+    assert tasks == [("baseline", 0), ("grokalign", 0), ("grokalign", 1)]  # slow methods first

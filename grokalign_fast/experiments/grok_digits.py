@@ -23,10 +23,11 @@ baseline); ``grokfast`` (EMA alpha 0.8, lambda 0.1); ``noise`` ("adversarial"
 training, Gaussian input noise sigma = max(0.06 (1 - train acc), 0.03), with the
 training accuracy of the last evaluation); and ``grokalign+grokfast``.
 
-Seeds: ``--seeds`` (default 5) for every method except the ~40k-step ones: the
-baseline runs ``--baseline-seeds`` (default 3) and grokfast / grokalign-paper
-``--slow-seeds`` (default 2), so that the default run (``make demo``) fits 10 minutes
-on 2 cores; ``--baseline-seeds 5 --slow-seeds 5`` gives the full study. Runs go to
+Seeds: ``--seeds`` (default 5); ``--method-seeds`` lowers it for some methods. The
+default (``DEMO_METHOD_SEEDS``: baseline 3, grokfast 2, noise 3, grokalign+grokfast 3,
+grokalign 5) makes the default run (``make demo``) fit 10 minutes on 2 cores: the
+~40k-step baseline and Grokfast cost most of it. ``--method-seeds none`` gives every
+method ``--seeds`` seeds (the full study). Runs go to
 ``--jobs`` worker processes (default 2), one thread each. The data split is fixed
 (``split_seed`` 0); the seed sets the init, the batch order and the probes.
 """
@@ -50,9 +51,11 @@ HELP = "Omnigrok grokking on the digits: baseline vs GrokAlign, Grokfast, noise,
 
 DEFAULT_METHODS = ("baseline", "grokalign", "grokfast", "noise", "grokalign+grokfast")
 ALL_METHODS = DEFAULT_METHODS + ("grokalign-paper",)
-# Methods measured to need the baseline's ~40k steps on the digits: the default demo runs
-# fewer seeds of them (--baseline-seeds, --slow-seeds) to fit 10 minutes on 2 cores.
+# Methods measured to need the baseline's ~40k steps on the digits (run first, for packing).
 SLOW_METHODS = ("baseline", "grokfast", "grokalign-paper")
+# Seeds per method in the default run (`make demo`), so that it fits 10 minutes on 2 cores:
+# the ~40k-step baseline and Grokfast cost 90% of the time. Methods not listed get --seeds.
+DEMO_METHOD_SEEDS = "baseline=3,grokfast=2,noise=3,grokalign+grokfast=3,grokalign-paper=2"
 
 # GrokAlign on the digits (chosen by a sweep, see docs/experiments.md): the squared norm
 # (Hoffman et al.) with lambda 5e-3, computed lazily every 4th step (weight x4 then, so
@@ -119,7 +122,7 @@ def run_one(cfg: Config, method: str, seed: int, *, split: Optional[data.Split] 
     """Train one (method, seed) until grokked or ``cfg.max_steps``; returns the run record with its logs."""
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.thread_time()
     split = split if split is not None else load_split(cfg)
     dtype = getattr(torch, cfg.dtype)
     xtr, ytr = split.x_train.to(dtype), split.y_train
@@ -216,6 +219,7 @@ def run_one(cfg: Config, method: str, seed: int, *, split: Optional[data.Split] 
         final_train_acc=log[-1]["train_acc"] if log else None,
         final_test_acc=log[-1]["test_acc"] if log else None,
         train_seconds=sw.wall, train_cpu_seconds=sw.cpu, run_seconds=time.perf_counter() - t_start,
+        run_cpu_seconds=time.thread_time() - c_start,
         monitor_seconds=monitor.total_seconds, log=log, monitor=monitor.history,
     )
 
@@ -226,16 +230,24 @@ def _worker(payload):
     return run_one(cfg, method, seed)
 
 
-def seeds_per_method(methods, seeds: int, slow_seeds: int, baseline_seeds: int) -> Dict[str, int]:
-    n = {}
-    for m in methods:
-        if m == "baseline":
-            n[m] = min(seeds, baseline_seeds)
-        elif m in SLOW_METHODS:
-            n[m] = min(seeds, slow_seeds)
-        else:
-            n[m] = seeds
-    return n
+def parse_method_seeds(text: str) -> Dict[str, int]:
+    """``"baseline=3,grokfast=2"`` -> ``{"baseline": 3, "grokfast": 2}``; ``"none"`` or ``""`` -> ``{}``."""
+    out: Dict[str, int] = {}
+    if text.strip().lower() in ("", "none"):
+        return out
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in ALL_METHODS or not value.strip().isdigit() or int(value) < 1:
+            raise SystemExit(f"--method-seeds: expected method=N with a method from {ALL_METHODS} and N >= 1, "
+                             f"got {item!r}")
+        out[name] = int(value)
+    return out
+
+
+def seeds_per_method(methods, seeds: int, method_seeds: Dict[str, int]) -> Dict[str, int]:
+    """Seeds per method: ``min(seeds, method_seeds[m])`` for the listed methods, else ``seeds``."""
+    return {m: min(seeds, method_seeds.get(m, seeds)) for m in methods}
 
 
 def tasks_for(n_seeds: Dict[str, int]):
@@ -273,6 +285,16 @@ def run_all(cfg: Config, n_seeds: Dict[str, int], jobs: int) -> List[Dict]:
     finally:
         bar.close()
     return runs
+
+
+def makespan(tasks, cost: Dict, workers: int) -> float:
+    """Finish time of ``tasks`` (in submission order) on ``workers`` dedicated cores, each task
+    going to the first free worker (what the process pool does), with ``cost[task]`` seconds each."""
+    free = [0.0] * max(1, workers)
+    for t in tasks:
+        i = min(range(len(free)), key=free.__getitem__)
+        free[i] += cost[t]
+    return max(free) if tasks else 0.0
 
 
 def _short(r: Dict) -> str:
@@ -340,11 +362,10 @@ def plot(runs: List[Dict], methods, path: str, threshold: float) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {','.join(ALL_METHODS)}")
-    p.add_argument("--baseline-seeds", type=int, default=3,
-                   help="seeds of the baseline (~40k steps each); default 3 so `make demo` fits 10 minutes "
-                        "on 2 cores; set it to --seeds for the full study")
-    p.add_argument("--slow-seeds", type=int, default=2,
-                   help="seeds of grokfast and grokalign-paper (as slow as the baseline); default 2")
+    p.add_argument("--method-seeds", default=DEMO_METHOD_SEEDS,
+                   help="fewer seeds for some methods, 'method=N,...' (capped at --seeds); default "
+                        f"{DEMO_METHOD_SEEDS!r} so `make demo` fits 10 minutes on 2 cores; 'none' gives every "
+                        "method --seeds (the full study)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="parallel worker processes, one thread each (default: min(2, cores))")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse")
@@ -384,8 +405,7 @@ def main(args) -> Dict:
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; choose from {ALL_METHODS}")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    n_seeds = seeds_per_method(methods, seeds, 1 if args.quick else args.slow_seeds,
-                               1 if args.quick else args.baseline_seeds)
+    n_seeds = seeds_per_method(methods, seeds, parse_method_seeds(args.method_seeds))
     jobs = 1 if args.quick else max(1, args.jobs)
     cfg = config_from_args(args)
     out = common.out_dir(args.out, NAME)
@@ -395,8 +415,8 @@ def main(args) -> Dict:
         f"data: {split.name}, {len(split.x_train)} train / {len(split.x_test)} test; grokked = test accuracy "
         f">= {threshold} checked every {cfg.eval_every} steps; step cap {cfg.max_steps} (a capped run is not grokked)",
         "seeds: " + ", ".join(f"{m} {k}" for m, k in n_seeds.items())
-        + (" (fewer seeds of the ~40k-step methods so the default demo fits 10 minutes on 2 cores; "
-           "--baseline-seeds N --slow-seeds N for the full study)" if min(n_seeds.values()) < seeds else ""),
+        + (" (fewer seeds of some methods so the default demo fits 10 minutes on 2 cores; "
+           "--method-seeds none for the full study)" if min(n_seeds.values()) < seeds else ""),
         f"GrokAlign: weight {cfg.ga_weight}, squared={cfg.ga_squared}, every={cfg.ga_every}, "
         f"estimator={cfg.ga_estimator!r}, num_probes={cfg.ga_probes}, backend={cfg.ga_backend!r}",
         "seconds: training steps only (wall, perf_counter; CPU: thread_time), one thread per run, "
@@ -416,21 +436,32 @@ def main(args) -> Dict:
                      [dict(method=r["method"], seed=r["seed"], **row) for r in runs for row in r["monitor"]])
     run_keys = ["method", "seed", "grokked", "grok_step", "grok_seconds", "grok_cpu_seconds", "mem_step",
                 "mem_seconds", "phase_steps", "phase_seconds", "steps_run", "capped", "final_train_acc",
-                "final_test_acc", "train_seconds", "train_cpu_seconds", "monitor_seconds", "run_seconds"]
+                "final_test_acc", "train_seconds", "train_cpu_seconds", "monitor_seconds", "run_seconds",
+                "run_cpu_seconds"]
     common.write_csv(os.path.join(out, "runs.csv"), runs, run_keys)
     png = plot(runs, methods, os.path.join(out, "curves.png"), threshold)
     bars = plotting.bars(os.path.join(out, "seconds_to_grok.png"), methods,
                          [stats[m]["seconds_mean"] for m in methods], [stats[m]["seconds_std"] for m in methods],
                          ylabel="seconds to grok", title=f"{NAME}: wall seconds to the grokked state", logy=True)
     wall = time.perf_counter() - t0
+    # What the same runs take on `jobs` uncontended cores: the pool's schedule replayed with each
+    # run's CPU time (the machine may be shared; CPU time is what a dedicated core would spend).
+    cpu_total = sum(r["run_cpu_seconds"] for r in runs)
+    order = tasks_for(n_seeds)
+    by_task = {(r["method"], r["seed"]): r for r in runs}
+    overhead = max(0.0, wall - makespan(order, {t: r["run_seconds"] for t, r in by_task.items()}, jobs))
+    est = makespan(order, {t: r["run_cpu_seconds"] for t, r in by_task.items()}, jobs) + overhead
+    timing = (f"wall time {wall:.0f}s; CPU time of the runs {cpu_total:.0f}s; on {jobs} dedicated core(s) the runs "
+              f"would take ~{est:.0f}s (their CPU times replayed through the pool's schedule, plus the "
+              f"{overhead:.0f}s of start-up and plotting)")
     result = dict(
         experiment=NAME, quick=bool(args.quick), config=asdict(cfg), methods=methods, baseline="baseline",
         seeds=seeds, seeds_per_method=n_seeds, jobs=jobs, threshold=threshold, data=split.name,
         summary={m: stats[m] for m in methods}, notes=notes, table=table, plots=[png, bars],
-        wall_seconds=wall,
+        wall_seconds=wall, cpu_seconds_total=cpu_total, estimated_dedicated_wall_seconds=est, timing=timing,
         runs=[{k: r[k] for k in run_keys} for r in runs],
     )
     common.write_json(os.path.join(out, "summary.json"), result)
     print(f"[{NAME}] wrote {out}/summary.json, log.csv, monitor.csv, runs.csv, curves.png, "
-          f"seconds_to_grok.png; wall time {wall:.0f}s", flush=True)
+          f"seconds_to_grok.png\n[{NAME}] {timing}", flush=True)
     return result

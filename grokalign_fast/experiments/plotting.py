@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#ff7f0e", "#e377c2", "#17becf"]
 
 
 def color(i: int) -> str:
@@ -29,6 +29,9 @@ def panels(path: str, specs: Sequence[Dict], *, title: Optional[str] = None, nco
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
     for ax, spec in zip(axes.flat, specs):
         for s in spec.get("series", []):
+            if spec.get("logx"):  # a log axis cannot show step 0
+                keep = [i for i, v in enumerate(s["x"]) if v is not None and v > 0]
+                s = dict(s, x=[s["x"][i] for i in keep], y=[s["y"][i] for i in keep])
             kw = dict(color=s.get("color"), alpha=s.get("alpha", 1.0), label=s.get("label"))
             if spec.get("scatter") or s.get("scatter"):
                 ax.scatter(s["x"], s["y"], s=s.get("size", 8), **kw)
