@@ -19,9 +19,11 @@ check against the reference backend runs first. The probe is drawn once
 
     python bench/sanity_mlp_cpp.py [--reps 300] [--threads 2] [--clock wall|cpu]
 
-On a shared, oversubscribed machine wall-clock medians drift with the load;
-``--threads 1 --clock cpu`` (process CPU time of one thread) measures the work
-itself and is the more repeatable number there.
+On a shared, oversubscribed machine, OpenMP's spinning threads make 2-thread
+wall-clock times pathological (medians of ~180 ms for a ~3 ms step were seen at
+load 4 on 2 cores): run with ``OMP_WAIT_POLICY=PASSIVE`` there, or use
+``--threads 1 --clock cpu`` (process CPU time of one thread), which measures the
+work itself.
 """
 from __future__ import annotations
 
