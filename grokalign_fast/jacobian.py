@@ -39,7 +39,7 @@ from ._validation import (
     check_num_probes,
 )
 from .ops.sqnorm import probe_sqnorm
-from .probes import PROBES, draw_probes
+from .probes import draw_probes, resolve_probes
 
 ESTIMATORS = ("reverse", "forward", "exact")
 REDUCTIONS = ("mean", "sum", "none")
@@ -104,7 +104,7 @@ def probe_products(
     *,
     estimator: str = "reverse",
     num_probes: int = 1,
-    probes: str = "sphere",
+    probes: str = "auto",
     generator: Optional[torch.Generator] = None,
     create_graph: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -118,7 +118,7 @@ def probe_products(
     _check_callable(f)
     check_batch_input(x)
     check_choice(estimator, "estimator", ESTIMATORS)
-    check_choice(probes, "probes", PROBES)
+    probes = resolve_probes(probes, estimator)
     check_num_probes(num_probes)
     check_generator(generator)
     if create_graph is None:
@@ -155,7 +155,7 @@ def sq_norm_estimate(
     *,
     estimator: str = "reverse",
     num_probes: int = 1,
-    probes: str = "sphere",
+    probes: str = "auto",
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
     create_graph: Optional[bool] = None,
@@ -202,7 +202,7 @@ def jacobian_norm(
     *,
     estimator: str = "reverse",
     num_probes: int = 1,
-    probes: str = "sphere",
+    probes: str = "auto",
     squared: bool = False,
     reduction: str = "mean",
     generator: Optional[torch.Generator] = None,
@@ -219,8 +219,9 @@ def jacobian_norm(
         estimator: ``"reverse"`` (output-space probes, VJPs), ``"forward"``
             (input-space Hutchinson, JVPs) or ``"exact"`` (min(C, D) products).
         num_probes: k >= 1 probes per sample (ignored by ``"exact"``).
-        probes: ``"sphere"``, ``"gaussian"``, ``"rademacher"`` or ``"orthogonal"``
-            (see :mod:`grokalign_fast.probes`).
+        probes: ``"sphere"``, ``"gaussian"``, ``"rademacher"``, ``"orthogonal"``
+            (see :mod:`grokalign_fast.probes`) or ``"auto"`` (default): sphere
+            for "reverse" (the authors' choice), Rademacher for "forward".
         squared: True: unbiased estimate of ``||J||_F^2``; False: its square
             root per sample (the authors' choice; biased low, see module doc).
         reduction: ``"mean"`` / ``"sum"`` over the batch, or ``"none"`` -> ``[B]``.

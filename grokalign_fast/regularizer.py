@@ -37,7 +37,7 @@ from ._validation import (
 from .jacobian import ESTIMATORS, safe_sqrt, sq_norm_estimate
 from .ops.mlp import model as mlp_model
 from .ops.mlp import reverse as mlp_reverse
-from .probes import PROBES, draw_probes
+from .probes import PROBES, draw_probes, resolve_probes
 
 
 class GrokAlign(nn.Module):
@@ -52,7 +52,8 @@ class GrokAlign(nn.Module):
             else forward (the lower-variance choice at equal cost; resolved at the
             first training call and kept in ``self.estimator``).
         num_probes: probes per sample (k >= 1).
-        probes: probe distribution (see :mod:`grokalign_fast.probes`).
+        probes: probe distribution (see :mod:`grokalign_fast.probes`); ``"auto"``:
+            sphere for the reverse estimator, Rademacher for the forward one.
         squared: penalise ``||J||_F^2`` (Hoffman et al.) instead of ``||J||_F``.
         target: if given, penalise ``|target - mean ||J||_F|`` instead.
         subsample: fraction in (0, 1] of the batch that carries the penalty.
@@ -73,7 +74,7 @@ class GrokAlign(nn.Module):
         *,
         estimator: str = "reverse",
         num_probes: int = 1,
-        probes: str = "sphere",
+        probes: str = "auto",
         squared: bool = False,
         target: Optional[float] = None,
         subsample: Optional[float] = None,
@@ -90,7 +91,7 @@ class GrokAlign(nn.Module):
         self.estimator = check_choice(estimator, "estimator", ESTIMATORS + ("auto",))
         self.requested_estimator = self.estimator
         self.num_probes = check_num_probes(num_probes)
-        self.probes = check_choice(probes, "probes", PROBES)
+        self.probes = check_choice(probes, "probes", PROBES + ("auto",))
         if not isinstance(squared, bool):
             raise TypeError(f"squared must be a bool, got {squared!r}")
         self.squared = squared
@@ -222,12 +223,13 @@ class GrokAlign(nn.Module):
         if path == "reverse_mlp":
             steps, _ = mlp_model.plan(self.model)
             C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
-            U = draw_probes(self.probes, self.num_probes, xs.shape[0], (C,), dtype=x.dtype, device=x.device,
+            U = draw_probes(resolve_probes(self.probes, "reverse"), self.num_probes, xs.shape[0], (C,), dtype=x.dtype,
+                            device=x.device,
                             generator=self.generator)
             return mlp_reverse.reverse_forward(steps, x, U, idx)
         if path in ("cpp", "triton"):
             steps, _ = mlp_model.plan(self.model)
-            V = draw_probes(self.probes, self.num_probes, xs.shape[0], xs.shape[1:], dtype=x.dtype,
+            V = draw_probes(resolve_probes(self.probes, "forward"), self.num_probes, xs.shape[0], xs.shape[1:], dtype=x.dtype,
                             device=x.device, generator=self.generator)
             return mlp_model.dual_forward(steps, x, V, index=idx, training=self.model.training,
                                           backend=path, generator=None)

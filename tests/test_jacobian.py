@@ -109,7 +109,7 @@ def test_jacobian_norm_with_k_probes_is_the_mean_of_the_probe_estimates():
     name, model, x = CASES[2]
     for estimator in ("forward", "reverse"):
         est = ga.jacobian_norm(model, x, estimator=estimator, num_probes=5, squared=True, reduction="none",
-                               generator=torch.Generator().manual_seed(4))
+                               probes="sphere", generator=torch.Generator().manual_seed(4))
         per_probe = _single_probe_samples(model, x, estimator, "sphere", 5, seed=4)
         torch.testing.assert_close(est, per_probe.mean(0), rtol=1e-12, atol=1e-14)
 
@@ -124,6 +124,24 @@ def test_more_probes_average_single_probe_estimates():
     J = exact_jacobians(model, x)  # [B, C, D]
     manual = torch.einsum("bcd,pbd->pbc", J, v.reshape(k, x.shape[0], -1)).pow(2).sum(-1).mean(0)
     torch.testing.assert_close(many, manual, rtol=1e-12, atol=1e-14)
+
+
+def test_auto_probes_are_sphere_for_reverse_and_rademacher_for_forward():
+    name, model, x = CASES[2]
+    for estimator, kind in (("reverse", "sphere"), ("forward", "rademacher")):
+        kw = dict(estimator=estimator, num_probes=2, squared=True, reduction="none")
+        a = ga.jacobian_norm(model, x, generator=torch.Generator().manual_seed(9), **kw)
+        b = ga.jacobian_norm(model, x, probes=kind, generator=torch.Generator().manual_seed(9), **kw)
+        assert torch.equal(a, b)
+
+
+def test_rademacher_probes_are_signs_with_identity_covariance():
+    v = ga.draw_probes("rademacher", 3, 500, (7, 3), dtype=torch.float64, device="cpu",
+                       generator=torch.Generator().manual_seed(0))
+    assert v.shape == (3, 500, 7, 3) and set(v.unique().tolist()) == {-1.0, 1.0}
+    flat = v.reshape(-1, 21)
+    cov = flat.t() @ flat / flat.shape[0]
+    assert (cov - torch.eye(21, dtype=torch.float64)).abs().max() < 5 / flat.shape[0] ** 0.5
 
 
 def test_norm_is_square_root_of_per_sample_estimate():

@@ -78,7 +78,7 @@ def weight_norm(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     """Classification accuracy; a scalar output ``[B]`` is read as the sign of a +-1 label."""
     correct = 0
     for i in range(0, len(x), batch):
