@@ -22,17 +22,21 @@ from providers import make_batch, make_model, make_step, providers, saved_bytes 
 from shapes import SHAPES  # noqa: E402
 
 
+# The exact norm of a 4096-output model takes 4096 VJPs per step: left out there.
+SKIP = {"4096x4": ("exact",)}
+
+
 def run_shape(shape, rounds, warmup=3):
     model = make_model(shape.sizes, shape.dtype, shape.bias)
     x, y = make_batch(shape.sizes, shape.batch, shape.dtype)
-    table = providers(model, x)
+    table = {k: v for k, v in providers(model, x).items() if k not in SKIP.get(shape.name, ())}
     for name in table:
         if name in ("fused_cpp", "fused_triton"):
             check_fused_matches_reference(model, x, name.split("_")[1],
                                           rtol=1e-10 if shape.dtype == torch.float64 else 1e-4)
     steps = {name: make_step(*v, y) for name, v in table.items()}
     mem = {name: saved_bytes(step) for name, step in steps.items()}
-    for _ in range(warmup):
+    for _ in range(1 if shape.name == "4096x4" else warmup):
         for step in steps.values():
             step()
     times = {name: [] for name in steps}
@@ -70,7 +74,7 @@ def main():
         "|---|---|---:|---:|---:|",
     ]
     for shape in shapes:
-        rounds = max(5, args.rounds // 10) if shape.name == "4096x4" else args.rounds
+        rounds = max(5, args.rounds // 6) if shape.name == "4096x4" else args.rounds
         rows = [f"| {shape.id} | {name} | {ms:.2f} | {ratio:.2f} | {mib:.1f} |"
                 for name, ms, ratio, mib in run_shape(shape, rounds)]
         print("\n".join(rows), flush=True)

@@ -89,6 +89,8 @@ def providers(model0: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[Callable, C
         return fwd
 
     add("dual_reference", dual_ref)
+    add("reverse_mlp", reg(estimator="reverse", backend="auto"))
+    add("reverse_mlp_sub0.25", reg(estimator="reverse", backend="auto", subsample=0.25))
     fused = []
     if _backends.cpp_unavailable_reason(x.device) is None and hasattr(torch.ops.grokalign, "dual_linear"):
         fused.append("cpp")
