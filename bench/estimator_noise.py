@@ -33,8 +33,8 @@ def grads(model, x, estimator, probes, gen):
     return torch.cat([p.grad.flatten() for p in model.parameters()]), reg.last_backend
 
 
-def step_time(model, x, y, estimator, reps=20):
-    reg = GrokAlign(model, 1e-4, estimator=estimator)
+def step_time(model, x, y, estimator, probes, reps=20):
+    reg = GrokAlign(model, 1e-4, estimator=estimator, probes=probes)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ts = []
     for i in range(reps + 3):
@@ -71,7 +71,7 @@ def main():
                 g, path = grads(model, x, estimator, probes, gen)
                 errs.append(((g - exact).pow(2).sum() / exact.pow(2).sum()).item())
             noise = statistics.mean(errs)
-            ms, path32 = step_time(model32, x32, y32, estimator)
+            ms, path32 = step_time(model32, x32, y32, estimator, probes)
             lines.append(f"| {name} | {estimator} ({probes}) | {path32} | {noise:.3f} | {ms * 1e3:.2f} | {noise * ms * 1e3:.2f} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines)
