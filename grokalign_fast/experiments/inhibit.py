@@ -37,7 +37,7 @@ HELP = "GrokAlign(target=level) holds the Jacobian norm high and prevents genera
 class Config:
     lam: float = 0.1
     target_factor: float = 1.0
-    steps: int = 6000
+    steps: int = 8000
     init_scale: float = 8.0
     lr: float = 1e-3
     weight_decay: float = 0.01
