@@ -252,3 +252,35 @@ def test_method_seeds_option():
             parse(bad)
     tasks = grok_digits.tasks_for({"grokalign": 2, "baseline": 1})
     assert tasks == [("baseline", 0), ("grokalign", 0), ("grokalign", 1)]  # slow methods first
+
+
+def _write_idx(path, arr):
+    import gzip
+
+    import numpy as np
+
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def test_mnist_idx_files_are_used_when_present(tmp_path):
+    import numpy as np
+
+    from grokalign_fast.experiments import data
+
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (60, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 60))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (20, 28, 28)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 20))
+    assert data.mnist_available(str(tmp_path)) and not data.mnist_available(str(tmp_path / "nope"))
+    split = grok_digits.load_split(grok_digits.Config(n_train=50, data_dir=str(tmp_path)))
+    assert split.name == "mnist" and split.x_train.shape == (50, 784) and split.x_test.shape == (20, 784)
+    assert 0.0 <= float(split.x_train.min()) and float(split.x_train.max()) <= 1.0
+    cfg = grok_digits.Config(n_train=50, batch=25, data_dir=str(tmp_path), max_steps=4, eval_every=2,
+                             monitor_every=2, monitor_probe=4)
+    r = grok_digits.run_one(cfg, "grokalign", 0)
+    assert r["data"] == "mnist" and r["threshold"] == 0.85 and r["steps_run"] <= 4
+    assert grok_digits.load_split(grok_digits.Config()).name == "digits"  # no --data-dir: the shipped digits
