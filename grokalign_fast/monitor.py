@@ -41,8 +41,11 @@ The phase rule (``phase_from_alignment``), from the logged alignments
    the training data without aligning; the paper's first phase). With fewer
    than two records the phase is ``"memorising"``.
 
-The defaults (window 5, rise_tol 0.01, min_gain 0.05) are in units of the
-cosine; with ``every`` chosen so a window spans a few percent of the run.
+The first ``ignore_first`` records (default 1: the record at step 0, a random
+network whose alignment, +-0.1 or so for a large init, the first steps reset)
+are logged but left out of the rule. The defaults (window 5, rise_tol 0.01,
+min_gain 0.05) are in units of the cosine, with ``every`` chosen so a window
+spans a few percent of the run.
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ class GrokMonitor:
         max_probe: at most this many probe points.
         rank: compute PC1 / effective rank from the exact Jacobian (C VJPs).
         jacobian_probes: output-space probes for the norm when ``rank=False``.
-        window, rise_tol, min_gain: the phase rule (see the module doc).
+        window, rise_tol, min_gain, ignore_first: the phase rule (see the module doc).
 
     Attributes: ``history`` (list of dicts, one per logged step), ``phase``
     (the latest phase, or None before the first log), ``total_seconds``.
@@ -130,6 +133,7 @@ class GrokMonitor:
         window: int = 5,
         rise_tol: float = 0.01,
         min_gain: float = 0.05,
+        ignore_first: int = 1,
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -148,7 +152,10 @@ class GrokMonitor:
         self.every = every
         self.rank = bool(rank)
         self.jacobian_probes = int(jacobian_probes)
+        if isinstance(ignore_first, bool) or not isinstance(ignore_first, int) or ignore_first < 0:
+            raise ValueError(f"ignore_first must be an int >= 0, got {ignore_first!r}")
         self.window, self.rise_tol, self.min_gain = int(window), float(rise_tol), float(min_gain)
+        self.ignore_first = ignore_first
         self.history: List[Dict] = []
         self.total_seconds = 0.0
         self._gen = torch.Generator(device=self.x_probe.device).manual_seed(0)
@@ -205,7 +212,7 @@ class GrokMonitor:
         rec: Dict = {"step": int(step)}
         rec.update(self.measure())
         alignments = [r["centroid_alignment"] for r in self.history] + [rec["centroid_alignment"]]
-        rec["phase"] = phase_from_alignment(alignments, window=self.window, rise_tol=self.rise_tol,
+        rec["phase"] = phase_from_alignment(alignments[self.ignore_first:], window=self.window, rise_tol=self.rise_tol,
                                             min_gain=self.min_gain)
         rec["monitor_seconds"] = time.perf_counter() - t0
         self.total_seconds += rec["monitor_seconds"]

@@ -231,6 +231,20 @@ def test_monitor_history_and_csv(tmp_path):
     assert all(math.isfinite(float(r["centroid_alignment"])) for r in rows)
 
 
+def test_monitor_ignores_the_initial_record_for_the_phase():
+    values = iter([-0.15, 0.003, 0.004, 0.003, 0.004, 0.005, 0.004])
+    mon = GrokMonitor(_Counting(), torch.randn(4, 6), every=1)
+    mon.measure = lambda: {"centroid_alignment": next(values)}
+    phases = [mon(step)["phase"] for step in range(7)]
+    assert phases == ["memorising"] * 7  # the jump from the random init's -0.15 is not "aligning"
+    values = iter([-0.15, 0.003, 0.004, 0.003, 0.004, 0.005, 0.004])
+    mon = GrokMonitor(_Counting(), torch.randn(4, 6), every=1, ignore_first=0)
+    mon.measure = lambda: {"centroid_alignment": next(values)}
+    assert "aligning" in [mon(step)["phase"] for step in range(7)]
+    with pytest.raises(ValueError):
+        GrokMonitor(_Counting(), torch.randn(4, 6), ignore_first=-1)
+
+
 def test_monitor_rejects_bad_arguments():
     with pytest.raises(ValueError):
         GrokMonitor(_Counting(), torch.randn(4, 6), every=0)
