@@ -298,3 +298,21 @@ def test_mnist_idx_files_are_used_when_present(tmp_path):
     r = grok_digits.run_one(cfg, "grokalign", 0)
     assert r["data"] == "mnist" and r["threshold"] == 0.85 and r["steps_run"] <= 4
     assert grok_digits.load_split(grok_digits.Config()).name == "digits"  # no --data-dir: the shipped digits
+
+
+def test_cnn_robustness_uses_cifar_batches_when_present(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 40), ("test_batch", 20)):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    result = cli_main(["cnn-robustness", "--quick", "--data-dir", str(tmp_path), "--steps", "4",
+                       "--out", str(tmp_path / "out")])
+    assert result["data"] == "cifar10"
+    _check_outputs(tmp_path / "out" / "cnn-robustness")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -92,7 +92,6 @@ class Config:
     data_dir: Optional[str] = None
     split_seed: int = 0
     dtype: str = "float32"
-    extra: Dict = field(default_factory=dict)
 
 
 def load_split(cfg: Config) -> data.Split:

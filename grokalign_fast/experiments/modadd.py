@@ -53,6 +53,7 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 1.0
     lam: float = 1e-3
+    estimator: str = "reverse"
     steps: int = 1000
     log_every: int = 50
     threshold: float = 0.95
@@ -116,7 +117,8 @@ def run_one(cfg: Config, seed: int, lam: float, frozen: bool) -> Dict:
         model.W_E.requires_grad_(False)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    reg = GrokAlign(model.body, lam, generator=torch.Generator().manual_seed(seed)) if lam > 0 else None
+    reg = (GrokAlign(model.body, lam, estimator=cfg.estimator, generator=torch.Generator().manual_seed(seed))
+           if lam > 0 else None)
     monitor = GrokMonitor(model, model.embed(ttr[:16]), every=cfg.log_every, f=model.body, rank=False, max_probe=16)
     log: List[Dict] = []
     grok_step = None
@@ -151,6 +153,8 @@ def run_one(cfg: Config, seed: int, lam: float, frozen: bool) -> Dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=None, help="GrokAlign weight (default 1e-3)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--estimator", choices=("reverse", "forward", "exact"), default="reverse",
+                   help="GrokAlign's estimator; forward (torch.func.jvp) works: attention is matmul + softmax")
     p.add_argument("--frozen-embedding", choices=("both", "yes", "no"), default="both",
                    help="train with W_E frozen at init, trained, or both (default)")
 
@@ -162,6 +166,7 @@ def main(args) -> Dict:
         cfg.lam = args.lam
     if args.steps is not None:
         cfg.steps = args.steps
+    cfg.estimator = args.estimator
     seeds = args.seeds if args.seeds is not None else 1
     frozen_opts = {"both": (False, True), "yes": (True,), "no": (False,)}[args.frozen_embedding]
     out = common.out_dir(args.out, NAME)
