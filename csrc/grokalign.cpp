@@ -40,4 +40,19 @@ TORCH_LIBRARY(grokalign, m) {
       "dual_linear_sqnorm_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? x, Tensor? t, Tensor? weight, "
       "Tensor zu, Tensor? index, SymInt[] dims, int act, float alpha, bool[4] output_mask) "
       "-> (Tensor grad_xt, Tensor grad_weight, Tensor grad_bias)");
+
+  // The output-space Hutchinson estimate for a piecewise-linear MLP in one pass
+  // (csrc/cpu/reverse_mlp.cpp; grokalign_fast/ops/mlp/reverse.py is the specification).
+  //   x [B, IN], u [K, R, C] output probes riding on rows index [R] (None: R == B),
+  //   weights[l] [n_l, n_{l-1}], biases: the present biases, has_bias[l]: layer l has one,
+  //   acts[l]: 0 identity, 1 relu, 2 leaky_relu (slope alphas[l]).
+  // Returns y = the MLP's output [B, C], est[r] = (1/K) sum_k ||J(x[index[r]])^T u[k, r]||^2 [R],
+  //   and the state the backward needs (3L tensors, see reverse_mlp.cpp).
+  m.def(
+      "reverse_mlp(Tensor x, Tensor u, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
+      "int[] acts, float[] alphas) -> (Tensor y, Tensor est, Tensor[] saved)");
+  // Returns grad_x ([0] unless need_x), one grad per weight, one per present bias.
+  m.def(
+      "reverse_mlp_backward(Tensor? grad_y, Tensor? grad_est, Tensor x, Tensor? index, Tensor[] weights, "
+      "Tensor[] saved, bool[] has_bias, bool need_x) -> (Tensor grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

@@ -6,8 +6,11 @@ so that ``E ||J v||^2 = ||J||_F^2`` (input space, forward mode) and
 
 - ``"gaussian"``:   v ~ N(0, I).
 - ``"rademacher"``: entries +-1 with equal probability (lowest variance of the
-  i.i.d. choices for Hutchinson's estimator; drawn as packed random bits, 62
-  entries per 64-bit draw, several times cheaper than Gaussian draws on a CPU).
+  i.i.d. choices for Hutchinson's estimator). Drawn as random bytes, each
+  expanded to 8 signs through a 256 x 8 lookup table: one random draw and one
+  gather per 8 entries, ~2x cheaper than Gaussian draws on a CPU (measured:
+  ~100 us vs ~220 us for 50 x 784 entries, where unpacking 62-bit words with
+  shifts took ~200-280 us).
 - ``"sphere"``:     uniform on the sphere of radius sqrt(n). For the output
   space this is the authors' estimator ``C * ||u^T J||^2`` with unit ``u``.
 - ``"orthogonal"``: per sample, k <= n orthonormal directions (a Haar-random
@@ -27,7 +30,18 @@ import torch
 from ._validation import check_choice, check_generator, check_num_probes
 
 PROBES = ("sphere", "gaussian", "rademacher", "orthogonal")
-_BITS = 62  # random bits used per int64 draw for Rademacher probes
+_SIGN_TABLES = {}
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 8]: row b holds the signs +-1 of the 8 bits of byte b (bit i -> column i)."""
+    key = (dtype, device)
+    table = _SIGN_TABLES.get(key)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = (bits * 2 - 1).to(device=device, dtype=dtype)
+        _SIGN_TABLES[key] = table
+    return table
 
 
 def resolve_probes(probes: str, estimator: str) -> str:
@@ -69,10 +83,9 @@ def draw_probes(
     P, B = num_probes, batch
     if kind == "rademacher":
         total = P * B * n
-        words = torch.randint(0, 2**_BITS, ((total + _BITS - 1) // _BITS,), generator=generator, device=gen_device)
-        shifts = torch.arange(_BITS, device=gen_device)
-        bits = (words.unsqueeze(1) >> shifts).bitwise_and_(1).reshape(-1)[:total]
-        v = bits.to(draw_dtype).mul_(2).sub_(1).reshape(P, B, n)
+        words = torch.randint(0, 256, ((total + 7) // 8,), generator=generator, device=gen_device)
+        signs = torch.nn.functional.embedding(words, _sign_table(draw_dtype, gen_device))
+        v = signs.reshape(-1)[:total].reshape(P, B, n)
     elif kind == "gaussian":
         v = torch.randn((P, B, n), generator=generator, device=gen_device, dtype=draw_dtype)
     elif kind == "sphere":

@@ -8,7 +8,11 @@ from torch import nn
 import grokalign_fast as ga
 from grokalign_fast import _backends, regularizer
 from grokalign_fast.regularizer import GrokAlign
+from grokalign_fast.ops.mlp import model as mlp_model
+from grokalign_fast.ops.mlp import reverse as mlp_reverse
 from models import SmallCNN, exact_sq_norms, mlp
+
+CPP = _backends.cpp_unavailable_reason() is None
 
 
 def _gen(seed=0):
@@ -260,11 +264,81 @@ def test_one_pass_reverse_mlp_equals_autograd_reverse(act, bias, subsample, squa
         out, pen = reg(x)
         (out.pow(2).sum() + pen).backward()
         res[be] = (reg.last_backend, out.detach(), pen.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()])
-    assert res["reference"][0] == "reference" and res["auto"][0] == "reverse_mlp"
+    # auto runs the C++ op grokalign::reverse_mlp when the extension is built, else the Python one-pass path.
+    assert res["reference"][0] == "reference" and res["auto"][0] == ("cpp" if CPP else "reverse_mlp")
     for a, b in zip(res["auto"][1:4], res["reference"][1:4]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     for a, b in zip(res["auto"][4], res["reference"][4]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("act", PL_ACTS, ids=repr)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("index", [None, [4, 0, 4, 2]])
+@pytest.mark.parametrize("outputs", ["both", "est", "y"])
+def test_reverse_mlp_cpp_op_equals_python_one_pass(act, bias, index, outputs):
+    """grokalign::reverse_mlp (C++) == the Python one-pass path: outputs and every gradient, float64,
+    with a repeated row in index and with only one of the two outputs used."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(9, 8, bias=bias), act, nn.Linear(8, 6, bias=bias), act,
+                          nn.Linear(6, 3, bias=bias)).double()
+    steps, _ = mlp_model.plan(model)
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    idx = None if index is None else torch.tensor(index)
+    U = torch.randn(2, 5 if idx is None else len(index), 3, dtype=torch.float64)
+    params = [x] + list(model.parameters())
+    got = {}
+    for impl in ("cpp", "python"):
+        y, est = mlp_reverse.reverse_forward(steps, x, U, idx, implementation=impl)
+        gy, ge = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y), torch.linspace(0.5, 2, est.numel(),
+                                                                                               dtype=y.dtype)
+        loss = {"both": (y * gy).sum() + (est * ge).sum(), "est": (est * ge).sum(), "y": (y * gy).sum()}[outputs]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        got[impl] = [y, est] + [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    for a, b in zip(got["cpp"], got["python"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_reverse_mlp_cpp_op_checks_its_arguments():
+    w = [torch.randn(4, 3), torch.randn(2, 4)]
+    x, u = torch.randn(5, 3), torch.randn(1, 5, 2)
+    op = torch.ops.grokalign.reverse_mlp
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must have shape \[OUT, 4\]"):
+        op(x, u, None, [w[0], torch.randn(2, 3)], [], [False, False], [1, 0], [0.0, 0.0])
+    with pytest.raises(RuntimeError, match="piecewise-linear activation code"):
+        op(x, u, None, w, [], [False, False], [3, 0], [0.0, 0.0])
+    with pytest.raises(RuntimeError, match="u must have shape"):
+        op(x, torch.randn(1, 5, 3), None, w, [], [False, False], [1, 0], [0.0, 0.0])
+    with pytest.raises(RuntimeError, match="pass index"):
+        op(x, torch.randn(1, 4, 2), None, w, [], [False, False], [1, 0], [0.0, 0.0])
+    with pytest.raises(RuntimeError, match="index must be a long tensor"):
+        op(x, torch.randn(1, 2, 2), torch.tensor([0, 1], dtype=torch.int32), w, [], [False, False], [1, 0], [0.0, 0.0])
+    with pytest.raises(RuntimeError, match="has_bias marks"):
+        op(x, u, None, w, [], [True, False], [1, 0], [0.0, 0.0])
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_reverse_mlp_cpp_op_passes_opcheck_and_compiles():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3, bias=False)).double()
+    steps, _ = mlp_model.plan(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    U = torch.randn(1, 2, 3, dtype=torch.float64)
+    idx = torch.tensor([3, 1])
+    weights = [model[0].weight, model[2].weight]
+    args = (x, U, idx, weights, [model[0].bias], [True, False], [1, 0], [0.0, 0.0])
+    torch.library.opcheck(torch.ops.grokalign.reverse_mlp.default, args)
+
+    def f(x):
+        y, est = mlp_reverse.reverse_forward(steps, x, U, idx, implementation="cpp")
+        return y.sum() + est.sum()
+
+    eager = torch.autograd.grad(f(x), weights)
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), weights)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_one_pass_reverse_mlp_refuses_smooth_activations_and_training_dropout():
@@ -277,8 +351,11 @@ def test_one_pass_reverse_mlp_refuses_smooth_activations_and_training_dropout():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, 2)).double()
     reg = GrokAlign(model, 0.1, estimator="reverse")
     assert "dropout" in reg.fused_unavailable_reasons(torch.randn(2, 4, dtype=torch.float64))["reverse_mlp"]
-    with pytest.raises(_backends.BackendUnavailableError, match="forward"):
+    # backend="cpp" with the reverse estimator is the op grokalign::reverse_mlp: same limits.
+    with pytest.raises(_backends.BackendUnavailableError, match="dropout"):
         GrokAlign(model, 0.1, estimator="reverse", backend="cpp")(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(_backends.BackendUnavailableError, match="forward"):
+        GrokAlign(model, 0.1, estimator="reverse", backend="triton")(torch.randn(2, 4, dtype=torch.float64))
 
 
 def test_auto_estimator_picks_the_smaller_probe_space():

@@ -51,12 +51,12 @@ def check_args(x, t, weight, bias, act, alpha, index) -> None:
 def unavailable_reasons(x, t, weight, bias, act, index) -> Dict[str, Optional[str]]:
     reasons: Dict[str, Optional[str]] = {"reference": None}
     for name in ("cpp", "triton"):
-        module = _backend_module(name)
+        module = backend_module(name)
         reasons[name] = module.unavailable_reason(x, t, weight, bias, act, index)
     return reasons
 
 
-def _backend_module(name: str):
+def backend_module(name: str):
     if name == "cpp":
         from . import cpp as module
     elif name == "triton":
@@ -69,7 +69,7 @@ def _backend_module(name: str):
 def _choose(x, t, weight, bias, act, alpha, index, backend) -> object:
     check_args(x, t, weight, bias, act, alpha, index)
     name = _backends.select(backend, unavailable_reasons(x, t, weight, bias, act, index), ORDER)
-    return _backend_module(name)
+    return backend_module(name)
 
 
 def dual_linear(x, t, weight, bias=None, act="identity", alpha=0.01, index=None, *, backend="auto"):

@@ -15,6 +15,7 @@ primal rows ``index`` (all rows when None); the last layer reduces
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -138,24 +139,36 @@ def dual_forward(
     training: bool = True,
     backend: str,
     generator: Optional[torch.Generator] = None,
+    checked: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the plan on the primal ``x`` [B, ...] and the tangents ``V`` [K, R, ...].
 
     Returns ``(y [B, OUT], sq [R])`` with ``sq[r] = (1/K) sum_k ||J(x[index[r]]) V[k, r]||^2``.
     Dropout (in training) uses one mask per primal row for the primal and its tangents.
+    ``checked=True``: the caller has already checked with :func:`unavailable_reasons` that the
+    named ``backend`` ("cpp", "triton" or "reference") runs every layer, and the per-layer
+    argument checks and backend choice are skipped (~50 us per layer on a CPU).
     """
     K, R = V.shape[0], V.shape[1]
     h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
     t = V.reshape(K, R, -1)
     last = max(i for i, s in enumerate(steps) if isinstance(s, LinearStep))
     sq = None
+    if checked:
+        if backend not in function.ORDER:
+            raise ValueError(f"checked=True needs a backend named in {function.ORDER}, got {backend!r}")
+        module = function.backend_module(backend)
+        dual_linear, dual_linear_sqnorm = module.dual_linear, module.dual_linear_sqnorm
+    else:
+        dual_linear = functools.partial(function.dual_linear, backend=backend)
+        dual_linear_sqnorm = functools.partial(function.dual_linear_sqnorm, backend=backend)
     for i, s in enumerate(steps):
         if isinstance(s, LinearStep):
             w, b = s.linear.weight, s.linear.bias
             if i == last and all(not isinstance(r, DropoutStep) for r in steps[i + 1:]):
-                h, sq = function.dual_linear_sqnorm(h, t, w, b, s.act, s.alpha, index, backend=backend)
+                h, sq = dual_linear_sqnorm(h, t, w, b, s.act, s.alpha, index)
             else:
-                h, t = function.dual_linear(h, t, w, b, s.act, s.alpha, index, backend=backend)
+                h, t = dual_linear(h, t, w, b, s.act, s.alpha, index)
         elif isinstance(s, DropoutStep):
             if training and s.p > 0:
                 keep = torch.rand(h.shape, generator=generator, device=h.device if generator is None else generator.device)

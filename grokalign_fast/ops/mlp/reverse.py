@@ -20,6 +20,12 @@ Per probe this costs one GEMM per layer for the chain, one for the tangent and
 one for the outer product: the same FLOPs as the forward-mode path (2x a plain
 step for one probe over the batch), with the output-space estimator's lower
 variance when there are few outputs.
+
+Two implementations of the same math: the C++ op ``torch.ops.grokalign.reverse_mlp``
+(``csrc/cpu/reverse_mlp.cpp``: ATen ops for any device, C++ autograd, stacked
+``[h_l; t_l]`` buffers so each weight gradient is one GEMM without a copy) and
+:class:`_ReverseMLP` below (Python, the specification and the fallback when the
+extension is not built). Both give the same numbers to rounding (tests).
 """
 from __future__ import annotations
 
@@ -27,9 +33,26 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..._backends import _load_extension
 from .model import DropoutStep, FlattenStep, LinearStep, Step
+from .reference import ACT_CODE
 
 REVERSE_ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
+def cpp_unavailable_reason(x: torch.Tensor) -> Optional[str]:
+    """None when the C++ op ``grokalign::reverse_mlp`` can run on ``x``'s device, else why not.
+
+    The op is written with ATen calls only, so a CPU-only build serves CUDA tensors too."""
+    if x.device.type not in ("cpu", "cuda"):
+        return f"grokalign::reverse_mlp runs on cpu and cuda tensors, not {x.device.type}"
+    reason = _load_extension()
+    if reason is not None:
+        return reason
+    if not hasattr(torch.ops.grokalign, "reverse_mlp"):
+        return ("grokalign_fast._C was built without grokalign::reverse_mlp; rebuild it with "
+                "`pip install -e . --no-build-isolation`")
+    return None
 
 
 def unavailable_reason(steps: Optional[List[Step]], training: bool) -> Optional[str]:
@@ -135,12 +158,27 @@ class _ReverseMLP(torch.autograd.Function):
 
 
 def reverse_forward(
-    steps: List[Step], x: torch.Tensor, U: torch.Tensor, index: Optional[torch.Tensor] = None
+    steps: List[Step], x: torch.Tensor, U: torch.Tensor, index: Optional[torch.Tensor] = None, *,
+    implementation: str = "cpp",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(model(x) [B, C], est [R])``: the output-space estimate for probes ``U`` [K, R, C] at rows ``index``."""
+    """``(model(x) [B, C], est [R])``: the output-space estimate for probes ``U`` [K, R, C] at rows ``index``.
+
+    ``implementation``: ``"cpp"`` (the op ``grokalign::reverse_mlp``; check
+    :func:`cpp_unavailable_reason` first) or ``"python"`` (:class:`_ReverseMLP`).
+    """
     h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
     linear = [s for s in steps if isinstance(s, LinearStep)]
     assert all(isinstance(s, (LinearStep, FlattenStep, DropoutStep)) for s in steps)
+    if implementation == "cpp":
+        weights = [s.linear.weight for s in linear]
+        biases = [s.linear.bias for s in linear if s.linear.bias is not None]
+        has_bias = [s.linear.bias is not None for s in linear]
+        acts = [ACT_CODE[s.act] for s in linear]
+        alphas = [float(s.alpha) for s in linear]
+        y, est, _ = torch.ops.grokalign.reverse_mlp(h, U, index, weights, biases, has_bias, acts, alphas)
+        return y, est
+    if implementation != "python":
+        raise ValueError(f'implementation must be "cpp" or "python", got {implementation!r}')
     acts = tuple((s.act, s.alpha) for s in linear)
     params = []
     for s in linear:
