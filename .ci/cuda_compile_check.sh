@@ -157,10 +157,13 @@ if not declared:
 errors = []
 for op in sorted(set(cpu + cuda) - set(declared)):
     errors.append(f"{op} is implemented but has no schema in csrc/grokalign.cpp")
-has = torch._C._dispatch_has_kernel_for_dispatch_key
+# CUDA: a kernel registered for the CUDA key itself. CPU: a kernel a CPU call reaches (the
+# ops written with ATen only, such as reverse_mlp, register CompositeExplicitAutograd).
+checks = {"CPU": torch._C._dispatch_has_computed_kernel_for_dispatch_key,
+          "CUDA": torch._C._dispatch_has_kernel_for_dispatch_key}
 for key, ops in (("CPU", cpu), ("CUDA", cuda)):
     for op in ops:
-        ok = has(f"grokalign::{op}", key)
+        ok = checks[key](f"grokalign::{op}", key)
         print(f"  {'ok  ' if ok else 'FAIL'} {key:4} kernel registered: grokalign::{op}")
         if not ok:
             errors.append(f"no {key} kernel registered for grokalign::{op}")

@@ -17,8 +17,8 @@ from providers import make_batch, make_model, make_step, providers  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 FAST = [s for s in SHAPES if s.name != "4096x4"]
-NAMES = ["plain", "authors", "hoffman_vjp", "func_jvp", "exact", "dual_reference", "reverse_mlp",
-         "reverse_mlp_sub0.25", "fused_cpp", "fused_cpp_sub0.25", "fused_cpp_every4"]
+NAMES = ["plain", "authors", "hoffman_vjp", "func_jvp", "exact", "dual_reference", "reverse_py", "reverse_cpp",
+         "reverse_cpp_sub0.25", "fused_cpp", "fused_cpp_sub0.25", "fused_cpp_every4"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from grokalign_fast import GrokAlign, _backends
+from grokalign_fast.jacobian import safe_sqrt
 from grokalign_fast.ops.mlp import model as mlp_model
+from grokalign_fast.ops.mlp import reverse as mlp_reverse
+from grokalign_fast.probes import draw_probes
 
 LAMBDA = 1e-4
 
@@ -89,11 +92,26 @@ def providers(model0: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[Callable, C
         return fwd
 
     add("dual_reference", dual_ref)
-    add("reverse_mlp", reg(estimator="reverse", backend="auto"))
-    add("reverse_mlp_sub0.25", reg(estimator="reverse", backend="auto", subsample=0.25))
+
+    def reverse_py(m):
+        steps, _ = mlp_model.plan(m)
+        gen = torch.Generator().manual_seed(0)
+        C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
+
+        def fwd():
+            U = draw_probes("sphere", 1, x.shape[0], (C,), dtype=x.dtype, device=x.device, generator=gen)
+            out, est = mlp_reverse.reverse_forward(steps, x, U, implementation="python")
+            return out, LAMBDA * safe_sqrt(est).mean()
+
+        return fwd
+
+    add("reverse_py", reverse_py)
     fused = []
     if _backends.cpp_unavailable_reason(x.device) is None and hasattr(torch.ops.grokalign, "dual_linear"):
         fused.append("cpp")
+    if mlp_reverse.cpp_unavailable_reason(x) is None:
+        add("reverse_cpp", reg(estimator="reverse", backend="cpp"))
+        add("reverse_cpp_sub0.25", reg(estimator="reverse", backend="cpp", subsample=0.25))
     if x.device.type == "cuda" and _backends.triton_unavailable_reason(x.device) is None:
         fused.append("triton")
     for be in fused:

@@ -11,6 +11,8 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -86,6 +88,29 @@ void check_numbers(const Sqnorm& sqnorm, const SqnormBackward& sqnorm_backward, 
   }
 }
 
+// grokalign::reverse_mlp from C++: an identity-activation MLP is linear, so
+// J = W2 W1 for every x, y = x J^T and est[r] = (1/K) sum_k ||u[k, r] J||^2.
+void check_reverse_mlp() {
+  using Fn = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList, at::TensorList,
+      c10::List<bool>, at::IntArrayRef, at::ArrayRef<double>);
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::reverse_mlp", "").typed<Fn>();
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x = at::randn({5, 7}, opts), w1 = at::randn({6, 7}, opts), w2 = at::randn({3, 6}, opts);
+  const at::Tensor u = at::randn({2, 4, 3}, opts);
+  const at::Tensor index = at::tensor(std::vector<int64_t>{4, 0, 4, 2});
+  const std::vector<at::Tensor> weights = {w1, w2};
+  c10::List<bool> has_bias({false, false});
+  const std::vector<int64_t> acts = {0, 0};
+  const std::vector<double> alphas = {0.0, 0.0};
+  const auto [y, est, saved] = op.call(x, u, index, weights, {}, has_bias, acts, alphas);
+  const at::Tensor J = at::mm(w2, w1);
+  expect_close(y, at::mm(x, J.t()), 1e-12, 1e-12, "reverse_mlp output of a linear MLP");
+  expect_close(est, at::matmul(u, J).pow(2).sum({0, 2}) / 2.0, 1e-12, 1e-12,
+               "reverse_mlp estimate of a linear MLP (index with a repeated row)");
+  expect(saved.size() == 6, "reverse_mlp returns 3L saved tensors");
+}
+
 }  // namespace
 
 int main() {
@@ -114,6 +139,7 @@ int main() {
   at::manual_seed(0);
   try {
     check_numbers(sqnorm, sqnorm_backward, at::kCPU);
+    check_reverse_mlp();
 #ifdef GROKALIGN_TEST_CUDA
     expect(sqnorm.hasKernelForDispatchKey(c10::DispatchKey::CUDA), "probe_sqnorm has a CUDA kernel");
     expect(sqnorm_backward.hasKernelForDispatchKey(c10::DispatchKey::CUDA),
