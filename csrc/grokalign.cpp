@@ -55,4 +55,15 @@ TORCH_LIBRARY(grokalign, m) {
   m.def(
       "reverse_mlp_backward(Tensor? grad_y, Tensor? grad_est, Tensor x, Tensor? index, Tensor[] weights, "
       "Tensor[] saved, bool[] has_bias, bool need_x) -> (Tensor grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
+  // The forward-mode (input-space) Hutchinson estimate for a whole piecewise-linear MLP in one pass
+  // (csrc/cpu/dual_mlp.cpp): the MLP runs on the stacked rows [x; v] with the tangent rows
+  // taking the primal rows' slopes. v [K, R, IN] input probes riding on rows index [R];
+  // other arguments as reverse_mlp. Returns y [B, C], sq[r] = (1/K) sum_k ||J(x[index[r]]) v[k, r]||^2 [R],
+  // and the state the backward needs (2L + 1 tensors).
+  m.def(
+      "dual_mlp_sqnorm(Tensor x, Tensor v, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
+      "int[] acts, float[] alphas) -> (Tensor y, Tensor sq, Tensor[] saved)");
+  m.def(
+      "dual_mlp_sqnorm_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? index, Tensor[] weights, Tensor[] saved, "
+      "bool[] has_bias, bool need_x) -> (Tensor grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

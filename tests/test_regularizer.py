@@ -370,3 +370,66 @@ def test_auto_estimator_picks_the_smaller_probe_space():
     reg = GrokAlign(SmallCNN().double(), 0.1, estimator="auto")  # not an MLP: sizes from one forward
     reg(torch.randn(2, 2, 5, 7, dtype=torch.float64))
     assert reg.estimator == "reverse"
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("act", PL_ACTS, ids=repr)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("index", [None, [4, 0, 4, 2]])
+@pytest.mark.parametrize("outputs", ["both", "sq", "y"])
+def test_whole_mlp_op_equals_layer_by_layer_ops(act, bias, index, outputs):
+    """grokalign::dual_mlp_sqnorm (one call, stacked rows) == the per-layer dual_linear ops: outputs and
+    every gradient (x, weights, biases), float64, K = 2 probes, a repeated row in index."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(9, 8, bias=bias), act, nn.Linear(8, 6, bias=bias), act,
+                          nn.Linear(6, 3, bias=bias), act).double()
+    steps, _ = mlp_model.plan(model)
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    idx = None if index is None else torch.tensor(index)
+    V = torch.randn(2, 5 if idx is None else len(index), 9, dtype=torch.float64)
+    assert mlp_model.whole_mlp_reason(steps, True, x) is None
+    params = [x] + list(model.parameters())
+    got = {}
+    for checked in (True, False):  # checked + cpp: the whole-MLP op; unchecked: layer by layer
+        y, sq = mlp_model.dual_forward(steps, x, V, index=idx, backend="cpp", checked=checked)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        gs = torch.linspace(0.5, 2, sq.numel(), dtype=y.dtype)
+        loss = {"both": (y * gy).sum() + (sq * gs).sum(), "sq": (sq * gs).sum(), "y": (y * gy).sum()}[outputs]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        got[checked] = [y, sq] + [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_whole_mlp_op_opcheck_compile_and_limits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LeakyReLU(0.2), nn.Linear(5, 3, bias=False)).double()
+    steps, _ = mlp_model.plan(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    V = torch.randn(1, 2, 6, dtype=torch.float64)
+    idx = torch.tensor([3, 1])
+    weights = [model[0].weight, model[2].weight]
+    args = (x, V, idx, weights, [model[0].bias], [True, False], [2, 0], [0.2, 0.0])
+    torch.library.opcheck(torch.ops.grokalign.dual_mlp_sqnorm.default, args)
+
+    def f(x):
+        y, sq = mlp_model.dual_forward(steps, x, V, index=idx, backend="cpp", checked=True)
+        return y.sum() + sq.sum()
+
+    eager = torch.autograd.grad(f(x), weights)
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), weights)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Smooth activations and training dropout stay on the per-layer ops, with the reason.
+    gelu_steps, _ = mlp_model.plan(nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)))
+    assert "piecewise-linear" in mlp_model.whole_mlp_reason(gelu_steps, True, x)
+    drop_steps, _ = mlp_model.plan(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, 3)))
+    assert "dropout" in mlp_model.whole_mlp_reason(drop_steps, True, x)
+    assert mlp_model.whole_mlp_reason(drop_steps, False, x) is None
+    op = torch.ops.grokalign.dual_mlp_sqnorm
+    with pytest.raises(RuntimeError, match=r"v must have shape \[K, R, 6\] \(the MLP's inputs\)"):
+        op(x, torch.randn(1, 4, 3, dtype=torch.float64), None, weights, [model[0].bias], [True, False], [2, 0],
+           [0.2, 0.0])
+    with pytest.raises(RuntimeError, match="piecewise-linear activation code"):
+        op(x, V, idx, weights, [model[0].bias], [True, False], [5, 0], [0.2, 0.0])

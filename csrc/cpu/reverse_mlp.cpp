@@ -30,95 +30,27 @@
 #include <tuple>
 #include <vector>
 
-#include "common/dual_linear.h"
+#include "common/pl_mlp.h"
 
 namespace grokalign {
 namespace reverse_mlp {
 namespace {
 
 using at::Tensor;
-using dual_linear::kIdentity;
-using dual_linear::kLeakyRelu;
-using dual_linear::kRelu;
+using pl_mlp::bool_vector;
+using pl_mlp::scale_rows;
+using pl_mlp::slope;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
-
-#define RM_CHECK(cond, ...) TORCH_CHECK(cond, "grokalign::reverse_mlp: ", __VA_ARGS__)
-
-struct Shapes {
-  int64_t L, B, K, R;
-};
-
-// Checks every argument; each message names the argument and what was expected.
-Shapes check_args(const Tensor& x, const Tensor& u, const OptTensor& index, at::TensorList weights,
-                  at::TensorList biases, const std::vector<bool>& has_bias, at::IntArrayRef acts,
-                  at::ArrayRef<double> alphas) {
-  const int64_t L = static_cast<int64_t>(weights.size());
-  RM_CHECK(L >= 1, "weights must hold at least one [OUT, IN] matrix");
-  RM_CHECK(static_cast<int64_t>(acts.size()) == L && static_cast<int64_t>(alphas.size()) == L &&
-               static_cast<int64_t>(has_bias.size()) == L,
-           "acts, alphas and has_bias need one entry per weight (", L, "), got ", acts.size(), ", ",
-           alphas.size(), ", ", has_bias.size());
-  RM_CHECK(x.dim() == 2, "x must have shape [B, IN], got ", x.sizes());
-  RM_CHECK(u.dim() == 3, "u must have shape [K, R, C], got ", u.sizes());
-  const int64_t B = x.size(0), K = u.size(0), R = u.size(1);
-  RM_CHECK(K >= 1, "u must carry at least one probe (K >= 1)");
-  int64_t n = x.size(1);
-  int64_t nb = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const Tensor& w = weights[l];
-    RM_CHECK(w.dim() == 2 && w.size(1) == n, "weights[", l, "] must have shape [OUT, ", n, "], got ", w.sizes());
-    RM_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), "weights[", l, "] (", w.scalar_type(),
-             ", ", w.device(), ") must match x (", x.scalar_type(), ", ", x.device(), ")");
-    RM_CHECK(acts[l] == kIdentity || acts[l] == kRelu || acts[l] == kLeakyRelu, "acts[", l,
-             "] must be a piecewise-linear activation code (identity 0, relu 1, leaky_relu 2), got ", acts[l]);
-    if (has_bias[l]) {
-      RM_CHECK(nb < static_cast<int64_t>(biases.size()), "biases holds ", biases.size(),
-               " tensors but has_bias marks more layers");
-      const Tensor& b = biases[nb++];
-      RM_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "the bias of layer ", l, " must have shape [", w.size(0),
-               "], got ", b.sizes());
-      RM_CHECK(b.scalar_type() == x.scalar_type() && b.device() == x.device(), "the bias of layer ", l,
-               " must match x's dtype and device");
-    }
-    n = w.size(0);
-  }
-  RM_CHECK(nb == static_cast<int64_t>(biases.size()), "biases holds ", biases.size(), " tensors, has_bias marks ",
-           nb);
-  RM_CHECK(u.size(2) == n, "u must have shape [K, R, C=", n, "] (the last layer's outputs), got ", u.sizes());
-  RM_CHECK(u.scalar_type() == x.scalar_type() && u.device() == x.device(), "u must match x's dtype and device");
-  if (index.has_value()) {
-    RM_CHECK(index->dim() == 1 && index->size(0) == R && index->scalar_type() == at::kLong &&
-                 index->device() == x.device(),
-             "index must be a long tensor [R=", R, "] on x's device, got ", index->scalar_type(), " ",
-             index->sizes());
-  } else {
-    RM_CHECK(R == B, "u has R=", R, " rows but x has B=", B, "; pass index for a subset of rows");
-  }
-  return {L, B, K, R};
-}
-
-// s'(z) as a tensor of z's dtype; undefined for identity (s' = 1).
-Tensor slope(const Tensor& z, int64_t act, double alpha) {
-  if (act == kIdentity) return Tensor();
-  const Tensor pos = z.gt(0);
-  if (act == kRelu) return pos.to(z.scalar_type());
-  return at::where(pos, at::ones({}, z.options()), at::full({}, alpha, z.options()));
-}
-
-// t *= d (d broadcast over the K probes of t [K, R, n] or [K*R, n] with d [R, n]).
-void scale_rows(Tensor& t, const Tensor& d, int64_t K, int64_t R) {
-  if (!d.defined()) return;
-  t.view({K, R, -1}).mul_(d.unsqueeze(0));
-}
 
 // Saved layout (3L tensors): S_1..S_{L-1} (the stacked [h_l; t_l]), g (= t_0, [K*R, IN]),
 // D_1..D_L ([B, n_l]; empty for identity), delta_1..delta_L ([K*R, n_l]).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
     const Tensor& x_in, const Tensor& u_in, const OptTensor& index, at::TensorList weights, at::TensorList biases,
     const std::vector<bool>& has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas) {
-  const Shapes s = check_args(x_in, u_in, index, weights, biases, has_bias, acts, alphas);
+  const pl_mlp::Shapes s =
+      pl_mlp::check_args("reverse_mlp", "u", false, x_in, u_in, index, weights, biases, has_bias, acts, alphas);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
   const Tensor x = x_in.contiguous();
   std::vector<Tensor> S(L), D(L), Dr(L), delta(L);
@@ -182,9 +114,9 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
     const OptTensor& grad_y, const OptTensor& grad_est, const Tensor& x_in, const OptTensor& index,
     at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x) {
   const int64_t L = static_cast<int64_t>(weights.size());
-  RM_CHECK(static_cast<int64_t>(saved.size()) == 3 * L, "saved must hold the forward's ", 3 * L,
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L, "grokalign::reverse_mlp_backward: ", "saved must hold the forward's ", 3 * L,
            " tensors, got ", saved.size());
-  RM_CHECK(static_cast<int64_t>(has_bias.size()) == L, "has_bias needs one entry per weight");
+  TORCH_CHECK(static_cast<int64_t>(has_bias.size()) == L, "grokalign::reverse_mlp_backward: has_bias needs one entry per weight");
   const Tensor x = x_in.contiguous();
   const int64_t B = x.size(0);
   const Tensor& g = saved[L - 1];
@@ -262,13 +194,6 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
 }
 
 // ---- ops (CompositeExplicitAutograd) ----
-
-std::vector<bool> bool_vector(const c10::List<bool>& list) {
-  std::vector<bool> out;
-  out.reserve(list.size());
-  for (size_t i = 0; i < list.size(); ++i) out.push_back(list.get(i));
-  return out;
-}
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_op(const Tensor& x, const Tensor& u,
                                                                const OptTensor& index, at::TensorList weights,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import function
+from .reference import ACT_CODE
 
 MODULE_ACTIVATIONS = {
     nn.ReLU: "relu",
@@ -130,6 +131,42 @@ def unavailable_reasons(model, x: torch.Tensor, steps: Optional[List[Step]] = No
     return reasons
 
 
+WHOLE_MLP_ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
+def whole_mlp_reason(steps: List[Step], training: bool, x: torch.Tensor) -> Optional[str]:
+    """None when the whole-MLP op ``grokalign::dual_mlp_sqnorm`` (one call for every layer,
+    primal and tangent rows stacked through each GEMM) can run the plan, else why not."""
+    for s in steps:
+        if isinstance(s, LinearStep) and s.act not in WHOLE_MLP_ACTIVATIONS:
+            return f"the whole-MLP op needs piecewise-linear activations {WHOLE_MLP_ACTIVATIONS}, got {s.act!r}"
+        if isinstance(s, DropoutStep) and training and s.p > 0:
+            return "the whole-MLP op does not run dropout in training mode"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"the whole-MLP op runs on cpu and cuda tensors, not {x.device.type}"
+    if not _whole_mlp_op_loaded():
+        return "grokalign_fast._C is not built with grokalign::dual_mlp_sqnorm"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_mlp_op_loaded() -> bool:
+    from ..._backends import _load_extension
+
+    return _load_extension() is None and hasattr(torch.ops.grokalign, "dual_mlp_sqnorm")
+
+
+def _dual_mlp_cpp(steps: List[Step], h: torch.Tensor, V: torch.Tensor, index: Optional[torch.Tensor]):
+    linear = [s for s in steps if isinstance(s, LinearStep)]
+    weights = [s.linear.weight for s in linear]
+    biases = [s.linear.bias for s in linear if s.linear.bias is not None]
+    has_bias = [s.linear.bias is not None for s in linear]
+    acts = [ACT_CODE[s.act] for s in linear]
+    alphas = [float(s.alpha) for s in linear]
+    y, sq, _ = torch.ops.grokalign.dual_mlp_sqnorm(h, V, index, weights, biases, has_bias, acts, alphas)
+    return y, sq
+
+
 def dual_forward(
     steps: List[Step],
     x: torch.Tensor,
@@ -147,12 +184,16 @@ def dual_forward(
     Dropout (in training) uses one mask per primal row for the primal and its tangents.
     ``checked=True``: the caller has already checked with :func:`unavailable_reasons` that the
     named ``backend`` ("cpp", "triton" or "reference") runs every layer, and the per-layer
-    argument checks and backend choice are skipped (~50 us per layer on a CPU).
+    argument checks and backend choice are skipped (~50 us per layer on a CPU). With
+    ``backend="cpp"`` a piecewise-linear plan (see :func:`whole_mlp_reason`) then runs as one
+    call of the whole-MLP op ``grokalign::dual_mlp_sqnorm``; other plans run layer by layer.
     """
     K, R = V.shape[0], V.shape[1]
     h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
     t = V.reshape(K, R, -1)
     last = max(i for i, s in enumerate(steps) if isinstance(s, LinearStep))
+    if checked and backend == "cpp" and whole_mlp_reason(steps, training, x) is None:
+        return _dual_mlp_cpp(steps, h, t.reshape(K, R, -1), index)
     sq = None
     if checked:
         if backend not in function.ORDER:

@@ -1,0 +1,236 @@
+// grokalign::dual_mlp_sqnorm: the forward-mode (input-space) Hutchinson estimate
+// of ||J(x)||_F^2 for a whole piecewise-linear MLP in one pass, with its autograd.
+//
+// For identity / ReLU / leaky ReLU layers, s'' = 0 and the slope D_l = s_l'(z_l) is
+// piecewise constant, so the tangent t_l = D_l (t_{l-1} W_l^T) is a second batch of
+// rows pushed through the same GEMMs with no bias and the primal's slopes (rows
+// index[r] of D_l). The op therefore runs the MLP on the stacked rows
+// S_0 = [x; V] ([B + K*R, IN]): one GEMM per layer in the forward, and in the
+// backward one GEMM per layer for dW_l = G_l^T S_{l-1} and one for G_l W_l, over the
+// loss and penalty rows together (plain backprop on B + K*R rows, with masks on the
+// tangent rows taken from their primal rows). Per-layer ops (grokalign::dual_linear)
+// cover the smooth activations; this op removes their per-layer dispatch and the
+// separate, less efficient GEMMs on the R tangent rows when R is a fraction of B
+// (subsample).
+//
+//   sq[r] = (1/K) sum_k ||t_L[k, r]||^2,  d sq[r] / d t_L[k, r] = (2/K) t_L[k, r].
+//
+// Written with ATen ops only (CompositeExplicitAutograd: any device, FakeTensor runs it
+// for shapes). Sits in csrc/cpu/ because setup.py and CMake compile that folder into
+// every build.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/pl_mlp.h"
+
+namespace grokalign {
+namespace dual_mlp {
+namespace {
+
+using at::Tensor;
+using pl_mlp::bool_vector;
+using pl_mlp::scale_rows;
+using pl_mlp::slope;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+// Saved layout (2L + 1 tensors): S_0..S_{L-1} (the stacked layer inputs [B + K*R, n_{l-1}]),
+// D_1..D_L ([B, n_l]; empty for identity), t_L ([K*R, C], the last layer's tangent rows).
+std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in, const Tensor& v,
+                                                             const OptTensor& index, at::TensorList weights,
+                                                             at::TensorList biases,
+                                                             const std::vector<bool>& has_bias,
+                                                             at::IntArrayRef acts, at::ArrayRef<double> alphas) {
+  const pl_mlp::Shapes s =
+      pl_mlp::check_args("dual_mlp_sqnorm", "v", true, x_in, v, index, weights, biases, has_bias, acts, alphas);
+  const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
+  std::vector<Tensor> S(L), D(L);
+  S[0] = at::cat({x_in, v.reshape({KR, x_in.size(1)})}, 0);
+  Tensor Z;
+  int64_t nb = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    Z = at::mm(S[l], weights[l].t());  // [B + K*R, n_l]: primal rows, then tangent rows
+    Tensor z = Z.narrow(0, 0, B);
+    if (has_bias[l]) z.add_(biases[nb++]);
+    D[l] = slope(z, acts[l], alphas[l]);
+    if (D[l].defined()) {
+      scale_rows(Z.narrow(0, B, KR), index.has_value() ? D[l].index_select(0, *index) : D[l], K, R);
+      z.mul_(D[l]);  // relu / leaky_relu: s(z) = s'(z) z
+    }
+    if (l + 1 < L) S[l + 1] = Z;
+  }
+  const Tensor y = Z.narrow(0, 0, B).clone();  // an output of its own (outputs must not alias)
+  const Tensor tL = Z.narrow(0, B, KR);
+  const Tensor sq = tL.view({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
+  std::vector<Tensor> saved(S.begin(), S.end());
+  for (int64_t l = 0; l < L; ++l) saved.push_back(D[l].defined() ? D[l] : at::empty({0}, x_in.options()));
+  saved.push_back(tL);
+  return {y, sq, saved};
+}
+
+// Gradients: grad_x ([0] unless need_x), one per weight, one per present bias.
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
+    const OptTensor& grad_y, const OptTensor& grad_sq, const OptTensor& index, at::TensorList weights,
+    at::TensorList saved, const std::vector<bool>& has_bias, bool need_x) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L + 1, "grokalign::dual_mlp_sqnorm_backward: saved must hold ",
+              2 * L + 1, " tensors, got ", saved.size());
+  TORCH_CHECK(static_cast<int64_t>(has_bias.size()) == L,
+              "grokalign::dual_mlp_sqnorm_backward: has_bias needs one entry per weight");
+  const Tensor& tL = saved[2 * L];
+  const int64_t KR = tL.size(0), B = saved[0].size(0) - KR;
+  const int64_t R = index.has_value() ? index->size(0) : B;
+  const int64_t K = R > 0 ? KR / R : 1;
+  auto D = [&](int64_t l) {
+    const Tensor& d = saved[L + l];
+    return d.numel() == 0 && B * weights[l].size(0) != 0 ? Tensor() : d;
+  };
+  auto Dr = [&](int64_t l) {
+    const Tensor d = D(l);
+    return d.defined() && index.has_value() ? d.index_select(0, *index) : d;
+  };
+  const Tensor& wL = weights[L - 1];
+  // G_L: d loss / d [z_L; u_L] = [grad_y D_L; (2/K) grad_sq[r] t_L D_L[index]].
+  Tensor G = at::empty({B + KR, wL.size(0)}, tL.options());
+  Tensor top = G.narrow(0, 0, B), bottom = G.narrow(0, B, KR);
+  const Tensor dL = D(L - 1);
+  if (grad_y.has_value() && grad_y->defined()) {
+    if (dL.defined()) at::mul_out(top, *grad_y, dL);
+    else top.copy_(*grad_y);
+  } else {
+    top.zero_();
+  }
+  if (grad_sq.has_value() && grad_sq->defined()) {
+    const Tensor c = grad_sq->mul(2.0 / static_cast<double>(K)).view({1, R, 1});
+    Tensor bottom3 = bottom.view({K, R, -1});
+    at::mul_out(bottom3, tL.view({K, R, -1}), c);
+    scale_rows(bottom, Dr(L - 1), K, R);
+  } else {
+    bottom.zero_();
+  }
+  std::vector<Tensor> gw(L), gb_layer(L);
+  Tensor gx = at::empty({0}, tL.options());
+  for (int64_t l = L - 1; l >= 0; --l) {
+    gw[l] = at::mm(G.t(), saved[l]);
+    if (has_bias[l]) gb_layer[l] = G.narrow(0, 0, B).sum(0);
+    if (l > 0) {
+      Tensor next = at::mm(G, weights[l]);  // [B + K*R, n_{l-1}]
+      const Tensor d = D(l - 1);
+      if (d.defined()) {
+        next.narrow(0, 0, B).mul_(d);
+        scale_rows(next.narrow(0, B, KR), Dr(l - 1), K, R);
+      }
+      G = next;
+    } else if (need_x) {
+      gx = at::mm(G.narrow(0, 0, B), weights[0]);  // the probes V need no gradient
+    }
+  }
+  std::vector<Tensor> gbs;
+  for (int64_t l = 0; l < L; ++l)
+    if (has_bias[l]) gbs.push_back(gb_layer[l]);
+  return {gx, gw, gbs};
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> dual_mlp_sqnorm_op(const Tensor& x, const Tensor& v,
+                                                                   const OptTensor& index, at::TensorList weights,
+                                                                   at::TensorList biases, c10::List<bool> has_bias,
+                                                                   at::IntArrayRef acts,
+                                                                   at::ArrayRef<double> alphas) {
+  return forward_impl(x, v, index, weights, biases, bool_vector(has_bias), acts, alphas);
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> dual_mlp_sqnorm_backward_op(
+    const OptTensor& grad_y, const OptTensor& grad_sq, const OptTensor& index, at::TensorList weights,
+    at::TensorList saved, c10::List<bool> has_bias, bool need_x) {
+  return backward_impl(grad_y, grad_sq, index, weights, saved, bool_vector(has_bias), need_x);
+}
+
+// ---- autograd ----
+
+using ForwardSig = std::tuple<Tensor, Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                   at::TensorList, at::TensorList, c10::List<bool>,
+                                                                   at::IntArrayRef, at::ArrayRef<double>);
+using BackwardSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
+    const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList, at::TensorList, c10::List<bool>, bool);
+
+struct DualMLPFunction : public torch::autograd::Function<DualMLPFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& v, const OptTensor& index,
+                               at::TensorList weights, at::TensorList biases, c10::List<bool> has_bias,
+                               std::vector<int64_t> acts, std::vector<double> alphas) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::dual_mlp_sqnorm", "").typed<ForwardSig>();
+    auto [y, sq, saved] = op.call(x, v, index, weights, biases, has_bias, acts, alphas);
+    ctx->set_materialize_grads(false);
+    std::vector<Tensor> keep = {index.has_value() ? *index : Tensor()};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    keep.insert(keep.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["L"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["nb"] = static_cast<int64_t>(biases.size());
+    ctx->saved_data["has_index"] = index.has_value() && index->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->mark_non_differentiable(saved);
+    variable_list out = {y, sq};
+    out.insert(out.end(), saved.begin(), saved.end());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t L = ctx->saved_data["L"].toInt(), nb = ctx->saved_data["nb"].toInt();
+    const bool has_index = ctx->saved_data["has_index"].toBool();
+    const c10::List<bool> has_bias = ctx->saved_data["has_bias"].toBoolList();
+    // One entry per forward argument (TensorList elements count one each): x, v, index,
+    // weights (L), biases (nb), has_bias, acts, alphas.
+    variable_list result(3 + L + nb + 3);
+    const Tensor& gy = grads[0];
+    const Tensor& gs = grads[1];
+    if (!gy.defined() && !gs.defined()) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    const OptTensor index = saved[0].defined() ? OptTensor(saved[0]) : std::nullopt;
+    const std::vector<Tensor> weights(saved.begin() + 1, saved.begin() + 1 + L);
+    const std::vector<Tensor> state(saved.begin() + 1 + L, saved.end());
+    // Input edges: x, v, [index], weights, biases (only tensors present).
+    const bool need_x = ctx->needs_input_grad(0);
+    const int64_t w0 = has_index ? 3 : 2;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("grokalign::dual_mlp_sqnorm_backward", "")
+                               .typed<BackwardSig>();
+    auto [gx, gw, gb] = op.call(gy.defined() ? OptTensor(gy) : std::nullopt,
+                                gs.defined() ? OptTensor(gs) : std::nullopt, index, weights, state, has_bias,
+                                need_x);
+    if (need_x) result[0] = gx;
+    for (int64_t l = 0; l < L; ++l)
+      if (ctx->needs_input_grad(w0 + l)) result[3 + l] = gw[l];
+    for (int64_t j = 0; j < nb; ++j)
+      if (ctx->needs_input_grad(w0 + L + j)) result[3 + L + j] = gb[j];
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> dual_mlp_sqnorm_autograd(
+    const Tensor& x, const Tensor& v, const OptTensor& index, at::TensorList weights, at::TensorList biases,
+    c10::List<bool> has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas) {
+  const variable_list out =
+      DualMLPFunction::apply(x, v, index, weights, biases, has_bias, acts.vec(), alphas.vec());
+  return {out[0], out[1], std::vector<Tensor>(out.begin() + 2, out.end())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(grokalign, CompositeExplicitAutograd, m) {
+  m.impl("dual_mlp_sqnorm", &dual_mlp_sqnorm_op);
+  m.impl("dual_mlp_sqnorm_backward", &dual_mlp_sqnorm_backward_op);
+}
+
+TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("dual_mlp_sqnorm", &dual_mlp_sqnorm_autograd); }
+
+}  // namespace dual_mlp
+}  // namespace grokalign
