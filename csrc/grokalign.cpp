@@ -64,6 +64,6 @@ TORCH_LIBRARY(grokalign, m) {
       "dual_mlp_sqnorm(Tensor x, Tensor v, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
       "int[] acts, float[] alphas) -> (Tensor y, Tensor sq, Tensor[] saved)");
   m.def(
-      "dual_mlp_sqnorm_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? index, Tensor[] weights, Tensor[] saved, "
-      "bool[] has_bias, bool need_x) -> (Tensor grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
+      "dual_mlp_sqnorm_backward(Tensor? grad_y, Tensor? grad_sq, Tensor x, Tensor v, Tensor? index, Tensor[] weights, "
+      "Tensor[] saved, bool[] has_bias, bool need_x) -> (Tensor grad_x, Tensor[] grad_weights, Tensor[] grad_biases)");
 }

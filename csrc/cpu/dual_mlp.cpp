@@ -4,10 +4,11 @@
 // For identity / ReLU / leaky ReLU layers, s'' = 0 and the slope D_l = s_l'(z_l) is
 // piecewise constant, so the tangent t_l = D_l (t_{l-1} W_l^T) is a second batch of
 // rows pushed through the same GEMMs with no bias and the primal's slopes (rows
-// index[r] of D_l). The op therefore runs the MLP on the stacked rows
-// S_0 = [x; V] ([B + K*R, IN]): one GEMM per layer in the forward, and in the
-// backward one GEMM per layer for dW_l = G_l^T S_{l-1} and one for G_l W_l, over the
-// loss and penalty rows together (plain backprop on B + K*R rows, with masks on the
+// index[r] of D_l). The op therefore runs the MLP on stacked rows S_l = [h_l; t_l]
+// ([B + K*R, n_l]): one GEMM per layer in the forward, and in the backward one GEMM
+// per layer for dW_l = G_l^T S_{l-1} and one for G_l W_l, over the loss and penalty
+// rows together. The first layer reads x and V where they are (two GEMMs into one
+// output; stacking them would copy B + K*R input rows, ~1 ms at 1000 x 784) (plain backprop on B + K*R rows, with masks on the
 // tangent rows taken from their primal rows). Per-layer ops (grokalign::dual_linear)
 // cover the smooth activations; this op removes their per-layer dispatch and the
 // separate, less efficient GEMMs on the R tangent rows when R is a fraction of B
@@ -41,7 +42,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-// Saved layout (2L + 1 tensors): S_0..S_{L-1} (the stacked layer inputs [B + K*R, n_{l-1}]),
+// Saved layout (2L + 1 tensors): an empty tensor and S_1..S_{L-1} (the stacked inputs
+// [B + K*R, n_{l-1}] of layers 2..L; layer 1 reads x and v, passed to the backward),
 // D_1..D_L ([B, n_l]; empty for identity), t_L ([K*R, C], the last layer's tangent rows).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in, const Tensor& v,
                                                              const OptTensor& index, at::TensorList weights,
@@ -52,11 +54,17 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
       pl_mlp::check_args("dual_mlp_sqnorm", "v", true, x_in, v, index, weights, biases, has_bias, acts, alphas);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
   std::vector<Tensor> S(L), D(L);
-  S[0] = at::cat({x_in, v.reshape({KR, x_in.size(1)})}, 0);
   Tensor Z;
   int64_t nb = 0;
   for (int64_t l = 0; l < L; ++l) {
-    Z = at::mm(S[l], weights[l].t());  // [B + K*R, n_l]: primal rows, then tangent rows
+    if (l == 0) {
+      Z = at::empty({B + KR, weights[0].size(0)}, x_in.options());
+      Tensor zt = Z.narrow(0, 0, B), ut = Z.narrow(0, B, KR);
+      at::mm_out(zt, x_in, weights[0].t());
+      at::mm_out(ut, v.reshape({KR, x_in.size(1)}), weights[0].t());
+    } else {
+      Z = at::mm(S[l], weights[l].t());  // [B + K*R, n_l]: primal rows, then tangent rows
+    }
     Tensor z = Z.narrow(0, 0, B);
     if (has_bias[l]) z.add_(biases[nb++]);
     D[l] = slope(z, acts[l], alphas[l]);
@@ -69,7 +77,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
   const Tensor y = Z.narrow(0, 0, B).clone();  // an output of its own (outputs must not alias)
   const Tensor tL = Z.narrow(0, B, KR);
   const Tensor sq = tL.view({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
-  std::vector<Tensor> saved(S.begin(), S.end());
+  std::vector<Tensor> saved = {at::empty({0}, x_in.options())};
+  saved.insert(saved.end(), S.begin() + 1, S.end());
   for (int64_t l = 0; l < L; ++l) saved.push_back(D[l].defined() ? D[l] : at::empty({0}, x_in.options()));
   saved.push_back(tL);
   return {y, sq, saved};
@@ -77,15 +86,15 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
 
 // Gradients: grad_x ([0] unless need_x), one per weight, one per present bias.
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
-    const OptTensor& grad_y, const OptTensor& grad_sq, const OptTensor& index, at::TensorList weights,
-    at::TensorList saved, const std::vector<bool>& has_bias, bool need_x) {
+    const OptTensor& grad_y, const OptTensor& grad_sq, const Tensor& x, const Tensor& v, const OptTensor& index,
+    at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L + 1, "grokalign::dual_mlp_sqnorm_backward: saved must hold ",
               2 * L + 1, " tensors, got ", saved.size());
   TORCH_CHECK(static_cast<int64_t>(has_bias.size()) == L,
               "grokalign::dual_mlp_sqnorm_backward: has_bias needs one entry per weight");
   const Tensor& tL = saved[2 * L];
-  const int64_t KR = tL.size(0), B = saved[0].size(0) - KR;
+  const int64_t KR = tL.size(0), B = x.size(0);
   const int64_t R = index.has_value() ? index->size(0) : B;
   const int64_t K = R > 0 ? KR / R : 1;
   auto D = [&](int64_t l) {
@@ -118,7 +127,12 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
   std::vector<Tensor> gw(L), gb_layer(L);
   Tensor gx = at::empty({0}, tL.options());
   for (int64_t l = L - 1; l >= 0; --l) {
-    gw[l] = at::mm(G.t(), saved[l]);
+    if (l > 0) {
+      gw[l] = at::mm(G.t(), saved[l]);
+    } else {
+      gw[0] = at::mm(G.narrow(0, 0, B).t(), x);
+      gw[0].addmm_(G.narrow(0, B, KR).t(), v.reshape({KR, x.size(1)}));
+    }
     if (has_bias[l]) gb_layer[l] = G.narrow(0, 0, B).sum(0);
     if (l > 0) {
       Tensor next = at::mm(G, weights[l]);  // [B + K*R, n_{l-1}]
@@ -147,9 +161,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> dual_mlp_sqnorm_op(const Tensor&
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> dual_mlp_sqnorm_backward_op(
-    const OptTensor& grad_y, const OptTensor& grad_sq, const OptTensor& index, at::TensorList weights,
-    at::TensorList saved, c10::List<bool> has_bias, bool need_x) {
-  return backward_impl(grad_y, grad_sq, index, weights, saved, bool_vector(has_bias), need_x);
+    const OptTensor& grad_y, const OptTensor& grad_sq, const Tensor& x, const Tensor& v, const OptTensor& index,
+    at::TensorList weights, at::TensorList saved, c10::List<bool> has_bias, bool need_x) {
+  return backward_impl(grad_y, grad_sq, x, v, index, weights, saved, bool_vector(has_bias), need_x);
 }
 
 // ---- autograd ----
@@ -158,7 +172,8 @@ using ForwardSig = std::tuple<Tensor, Tensor, std::vector<Tensor>>(const Tensor&
                                                                    at::TensorList, at::TensorList, c10::List<bool>,
                                                                    at::IntArrayRef, at::ArrayRef<double>);
 using BackwardSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
-    const OptTensor&, const OptTensor&, const OptTensor&, at::TensorList, at::TensorList, c10::List<bool>, bool);
+    const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, at::TensorList,
+    at::TensorList, c10::List<bool>, bool);
 
 struct DualMLPFunction : public torch::autograd::Function<DualMLPFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& v, const OptTensor& index,
@@ -169,7 +184,7 @@ struct DualMLPFunction : public torch::autograd::Function<DualMLPFunction> {
         c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::dual_mlp_sqnorm", "").typed<ForwardSig>();
     auto [y, sq, saved] = op.call(x, v, index, weights, biases, has_bias, acts, alphas);
     ctx->set_materialize_grads(false);
-    std::vector<Tensor> keep = {index.has_value() ? *index : Tensor()};
+    std::vector<Tensor> keep = {x, v, index.has_value() ? *index : Tensor()};
     keep.insert(keep.end(), weights.begin(), weights.end());
     keep.insert(keep.end(), saved.begin(), saved.end());
     ctx->save_for_backward(keep);
@@ -194,9 +209,11 @@ struct DualMLPFunction : public torch::autograd::Function<DualMLPFunction> {
     const Tensor& gs = grads[1];
     if (!gy.defined() && !gs.defined()) return result;
     const variable_list saved = ctx->get_saved_variables();
-    const OptTensor index = saved[0].defined() ? OptTensor(saved[0]) : std::nullopt;
-    const std::vector<Tensor> weights(saved.begin() + 1, saved.begin() + 1 + L);
-    const std::vector<Tensor> state(saved.begin() + 1 + L, saved.end());
+    const Tensor& x = saved[0];
+    const Tensor& v = saved[1];
+    const OptTensor index = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+    const std::vector<Tensor> weights(saved.begin() + 3, saved.begin() + 3 + L);
+    const std::vector<Tensor> state(saved.begin() + 3 + L, saved.end());
     // Input edges: x, v, [index], weights, biases (only tensors present).
     const bool need_x = ctx->needs_input_grad(0);
     const int64_t w0 = has_index ? 3 : 2;
@@ -204,8 +221,8 @@ struct DualMLPFunction : public torch::autograd::Function<DualMLPFunction> {
                                .findSchemaOrThrow("grokalign::dual_mlp_sqnorm_backward", "")
                                .typed<BackwardSig>();
     auto [gx, gw, gb] = op.call(gy.defined() ? OptTensor(gy) : std::nullopt,
-                                gs.defined() ? OptTensor(gs) : std::nullopt, index, weights, state, has_bias,
-                                need_x);
+                                gs.defined() ? OptTensor(gs) : std::nullopt, x, v, index, weights, state,
+                                has_bias, need_x);
     if (need_x) result[0] = gx;
     for (int64_t l = 0; l < L; ++l)
       if (ctx->needs_input_grad(w0 + l)) result[3 + l] = gw[l];
