@@ -1,6 +1,6 @@
 """Interleaved timing of one MLP training step per provider; medians and ratios to plain.
 
-    .venv/bin/python bench/interleaved.py [--rounds 60] [--shapes all|paper|fast] [--out bench/RESULTS.md]
+    .venv/bin/python bench/interleaved.py [--rounds 60] [--shapes all|paper|fast|wide] [--out bench/RESULTS.md]
 
 Each round runs every provider once, in a fresh random order, so slow drifts of
 a shared machine hit all providers alike. Reports the median step time, its
@@ -55,7 +55,7 @@ def run_shape(shape, rounds, warmup=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--shapes", default="fast", choices=["all", "fast", "paper"])
+    ap.add_argument("--shapes", default="fast", choices=["all", "fast", "paper", "wide"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args()
@@ -63,6 +63,8 @@ def main():
     shapes = SHAPES
     if args.shapes == "fast":
         shapes = [s for s in SHAPES if s.name != "4096x4"]
+    elif args.shapes == "wide":
+        shapes = [s for s in SHAPES if s.name == "4096x4"]
     elif args.shapes == "paper":
         shapes = [s for s in SHAPES if s.name == "784-200-200-10"]
     lines = [

@@ -59,7 +59,12 @@ class GrokAlign(nn.Module):
         target: if given, penalise ``|target - mean ||J||_F|`` instead.
         subsample: fraction in (0, 1] of the batch that carries the penalty.
         every: compute the penalty every n-th training call, scaled by n.
-        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``. On an
+            ``nn.Sequential`` MLP, ``"cpp"`` runs the fused ops: for the forward
+            estimator the dual-stream ops (one whole-MLP op when every activation is
+            piecewise linear), for the reverse estimator the one-pass op
+            ``grokalign::reverse_mlp`` (piecewise-linear MLPs). ``"triton"`` runs the
+            forward estimator's kernels. ``"auto"`` takes the first that can serve.
         generator: ``torch.Generator`` for probes and subsampling.
         check_finite_values: raise on a non-finite Jacobian norm.
 

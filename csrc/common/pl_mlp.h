@@ -81,11 +81,13 @@ inline Shapes check_args(const char* op, const char* probe_name, bool input_prob
 
 #undef PL_CHECK
 
-// s'(z) as a tensor of z's dtype; undefined for identity (s' = 1).
+// s'(z): a bool mask [z > 0] for ReLU (1 byte per entry saved for backward; multiplying a
+// float tensor by it promotes to float), a tensor of z's dtype for leaky ReLU, undefined for
+// identity (s' = 1).
 inline Tensor slope(const Tensor& z, int64_t act, double alpha) {
   if (act == kIdentity) return Tensor();
   const Tensor pos = z.gt(0);
-  if (act == kRelu) return pos.to(z.scalar_type());
+  if (act == kRelu) return pos;
   return at::where(pos, at::ones({}, z.options()), at::full({}, alpha, z.options()));
 }
 

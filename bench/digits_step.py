@@ -1,0 +1,77 @@
+"""Cost of one GrokAlign training step on the grok-digits model, as ratios to a plain step.
+
+    .venv/bin/python bench/digits_step.py [--rounds 300]
+
+The model and optimiser of `make demo` (64-200-200-10, ReLU, no bias, x8 init, fused AdamW,
+batch 200, MSE, one thread). Every variant computes the penalty on each step (no every=n);
+all variants are interleaved in one process, in a fresh random order each round; medians.
+"""
+import argparse
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from grokalign_fast import GrokAlign
+from grokalign_fast.experiments import common
+
+VARIANTS = {  # name -> GrokAlign kwargs (None: plain step)
+    "plain": None,
+    "reverse, cpp (one-pass op)": dict(estimator="reverse", backend="cpp"),
+    "reverse, cpp, subsample 0.25": dict(estimator="reverse", backend="cpp", subsample=0.25),
+    "reverse, cpp, subsample 0.5": dict(estimator="reverse", backend="cpp", subsample=0.5),
+    "reverse, reference (autograd double backward)": dict(estimator="reverse", backend="reference"),
+    "forward, cpp (fused dual-stream)": dict(estimator="forward", backend="cpp"),
+    "forward, cpp, subsample 0.25": dict(estimator="forward", backend="cpp", subsample=0.25),
+}
+
+
+def make_step(kwargs, x, y):
+    torch.manual_seed(0)
+    model = common.mlp((64, 200, 200, 10), init_scale=8.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    reg = None if kwargs is None else GrokAlign(model, 5e-3, squared=True,
+                                                generator=torch.Generator().manual_seed(1), **kwargs)
+
+    def step():
+        out, pen = (model(x), 0.0) if reg is None else reg(x)
+        loss = F.mse_loss(out, y) + pen
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=300)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 64, generator=g), torch.randn(200, 10, generator=g)
+    steps = {name: make_step(kw, x, y) for name, kw in VARIANTS.items()}
+    for step in steps.values():
+        for _ in range(20):
+            step()
+    times = {name: [] for name in steps}
+    names = list(steps)
+    rng = random.Random(0)
+    for _ in range(args.rounds):
+        rng.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    plain = statistics.median(times["plain"])
+    print(f"Command: `python bench/digits_step.py --rounds {args.rounds}` (torch {torch.__version__}, 1 thread)\n")
+    print("| variant | median ms | x plain |\n|---|---:|---:|")
+    for name in VARIANTS:
+        med = statistics.median(times[name])
+        print(f"| {name} | {med * 1e3:.3f} | {med / plain:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
