@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 
 #include <optional>
 #include <string>
@@ -102,6 +103,41 @@ inline std::vector<bool> bool_vector(const c10::List<bool>& list) {
   out.reserve(list.size());
   for (size_t i = 0; i < list.size(); ++i) out.push_back(list.get(i));
   return out;
+}
+
+// The autograd Functions of both ops save: the inputs named in `head` (reverse_mlp: x;
+// dual_mlp_sqnorm: x, v), index (or an undefined tensor), the weights and the op's saved state.
+inline void save_for_backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> head,
+                              const OptTensor& index, at::TensorList weights, at::TensorList biases,
+                              const c10::List<bool>& has_bias, at::TensorList state) {
+  ctx->set_materialize_grads(false);
+  head.push_back(index.has_value() ? *index : Tensor());
+  head.insert(head.end(), weights.begin(), weights.end());
+  head.insert(head.end(), state.begin(), state.end());
+  ctx->save_for_backward(head);
+  ctx->saved_data["L"] = static_cast<int64_t>(weights.size());
+  ctx->saved_data["nb"] = static_cast<int64_t>(biases.size());
+  ctx->saved_data["has_index"] = index.has_value() && index->defined();
+  ctx->saved_data["has_bias"] = has_bias;
+  ctx->mark_non_differentiable(state.vec());
+}
+
+// The backward's result: one entry per forward argument (a TensorList counts one per element):
+// the n_head leading tensors (only the first, x, gets a gradient), index, weights (L), biases
+// (nb), has_bias, acts, alphas. needs_input_grad counts only the tensors present: the head,
+// index when given, the weights, the biases.
+inline torch::autograd::variable_list grads_result(torch::autograd::AutogradContext* ctx, int64_t n_head,
+                                                   const Tensor& gx, const std::vector<Tensor>& gw,
+                                                   const std::vector<Tensor>& gb) {
+  const int64_t L = ctx->saved_data["L"].toInt(), nb = ctx->saved_data["nb"].toInt();
+  const int64_t w0 = n_head + (ctx->saved_data["has_index"].toBool() ? 1 : 0);
+  torch::autograd::variable_list result(n_head + 1 + L + nb + 3);
+  if (ctx->needs_input_grad(0)) result[0] = gx;
+  for (int64_t l = 0; l < L; ++l)
+    if (ctx->needs_input_grad(w0 + l)) result[n_head + 1 + l] = gw[l];
+  for (int64_t j = 0; j < nb; ++j)
+    if (ctx->needs_input_grad(w0 + L + j)) result[n_head + 1 + L + j] = gb[j];
+  return result;
 }
 
 }  // namespace pl_mlp

@@ -226,51 +226,29 @@ struct ReverseMLPFunction : public torch::autograd::Function<ReverseMLPFunction>
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::reverse_mlp", "").typed<ForwardSig>();
     auto [y, est, saved] = op.call(x, u, index, weights, biases, has_bias, acts, alphas);
-    ctx->set_materialize_grads(false);
-    std::vector<Tensor> keep = {x, index.has_value() ? *index : Tensor()};
-    keep.insert(keep.end(), weights.begin(), weights.end());
-    keep.insert(keep.end(), saved.begin(), saved.end());
-    ctx->save_for_backward(keep);
-    ctx->saved_data["L"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["nb"] = static_cast<int64_t>(biases.size());
-    ctx->saved_data["has_index"] = index.has_value() && index->defined();
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->mark_non_differentiable(saved);
+    pl_mlp::save_for_backward(ctx, {x}, index, weights, biases, has_bias, saved);
     variable_list out = {y, est};
     out.insert(out.end(), saved.begin(), saved.end());
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t L = ctx->saved_data["L"].toInt(), nb = ctx->saved_data["nb"].toInt();
-    const bool has_index = ctx->saved_data["has_index"].toBool();
-    const c10::List<bool> has_bias = ctx->saved_data["has_bias"].toBoolList();
-    // One entry per forward argument (TensorList elements count one each): x, u, index,
-    // weights (L), biases (nb), has_bias, acts, alphas.
-    variable_list result(3 + L + nb + 3);
     const Tensor& gy = grads[0];
     const Tensor& ge = grads[1];
-    if (!gy.defined() && !ge.defined()) return result;
+    const int64_t L = ctx->saved_data["L"].toInt();
+    if (!gy.defined() && !ge.defined()) return variable_list(3 + L + ctx->saved_data["nb"].toInt() + 3);
     const variable_list saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     const OptTensor index = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
     const std::vector<Tensor> weights(saved.begin() + 2, saved.begin() + 2 + L);
     const std::vector<Tensor> state(saved.begin() + 2 + L, saved.end());
-    // Input edges: x, u, [index], weights, biases (only tensors present).
-    const bool need_x = ctx->needs_input_grad(0);
-    const int64_t w0 = has_index ? 3 : 2;
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("grokalign::reverse_mlp_backward", "")
                                .typed<BackwardSig>();
     auto [gx, gw, gb] = op.call(gy.defined() ? OptTensor(gy) : std::nullopt,
-                                ge.defined() ? OptTensor(ge) : std::nullopt, x, index, weights, state, has_bias,
-                                need_x);
-    if (need_x) result[0] = gx;
-    for (int64_t l = 0; l < L; ++l)
-      if (ctx->needs_input_grad(w0 + l)) result[3 + l] = gw[l];
-    for (int64_t j = 0; j < nb; ++j)
-      if (ctx->needs_input_grad(w0 + L + j)) result[3 + L + j] = gb[j];
-    return result;
+                                ge.defined() ? OptTensor(ge) : std::nullopt, x, index, weights, state,
+                                ctx->saved_data["has_bias"].toBoolList(), ctx->needs_input_grad(0));
+    return pl_mlp::grads_result(ctx, 2, gx, gw, gb);
   }
 };
 

@@ -156,14 +156,20 @@ def _whole_mlp_op_loaded() -> bool:
     return _load_extension() is None and hasattr(torch.ops.grokalign, "dual_mlp_sqnorm")
 
 
-def _dual_mlp_cpp(steps: List[Step], h: torch.Tensor, V: torch.Tensor, index: Optional[torch.Tensor]):
+def whole_mlp_op_args(steps: List[Step]):
+    """``(weights, biases, has_bias, acts, alphas)``: the plan's Linear layers as the whole-MLP ops
+    (``grokalign::dual_mlp_sqnorm``, ``grokalign::reverse_mlp``) take them."""
     linear = [s for s in steps if isinstance(s, LinearStep)]
     weights = [s.linear.weight for s in linear]
     biases = [s.linear.bias for s in linear if s.linear.bias is not None]
     has_bias = [s.linear.bias is not None for s in linear]
     acts = [ACT_CODE[s.act] for s in linear]
     alphas = [float(s.alpha) for s in linear]
-    y, sq, _ = torch.ops.grokalign.dual_mlp_sqnorm(h, V, index, weights, biases, has_bias, acts, alphas)
+    return weights, biases, has_bias, acts, alphas
+
+
+def _dual_mlp_cpp(steps: List[Step], h: torch.Tensor, V: torch.Tensor, index: Optional[torch.Tensor]):
+    y, sq, _ = torch.ops.grokalign.dual_mlp_sqnorm(h, V, index, *whole_mlp_op_args(steps))
     return y, sq
 
 

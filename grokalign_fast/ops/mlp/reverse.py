@@ -34,8 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..._backends import _load_extension
-from .model import DropoutStep, FlattenStep, LinearStep, Step
-from .reference import ACT_CODE
+from .model import DropoutStep, FlattenStep, LinearStep, Step, whole_mlp_op_args
 
 REVERSE_ACTIVATIONS = ("identity", "relu", "leaky_relu")
 
@@ -170,12 +169,7 @@ def reverse_forward(
     linear = [s for s in steps if isinstance(s, LinearStep)]
     assert all(isinstance(s, (LinearStep, FlattenStep, DropoutStep)) for s in steps)
     if implementation == "cpp":
-        weights = [s.linear.weight for s in linear]
-        biases = [s.linear.bias for s in linear if s.linear.bias is not None]
-        has_bias = [s.linear.bias is not None for s in linear]
-        acts = [ACT_CODE[s.act] for s in linear]
-        alphas = [float(s.alpha) for s in linear]
-        y, est, _ = torch.ops.grokalign.reverse_mlp(h, U, index, weights, biases, has_bias, acts, alphas)
+        y, est, _ = torch.ops.grokalign.reverse_mlp(h, U, index, *whole_mlp_op_args(steps))
         return y, est
     if implementation != "python":
         raise ValueError(f'implementation must be "cpp" or "python", got {implementation!r}')
