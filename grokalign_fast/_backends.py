@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,22 @@ def _load_extension() -> Optional[str]:
         )
     if not hasattr(torch.ops.grokalign, "probe_sqnorm"):
         return "grokalign_fast._C loaded but registered no operators"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def extension_ops_reason(names: Tuple[str, ...]) -> Optional[str]:
+    """None if the extension is loaded and registers every op ``torch.ops.grokalign.<name>``
+    in ``names``, else why not."""
+    reason = _load_extension()
+    if reason is not None:
+        return reason
+    missing = [name for name in names if not hasattr(torch.ops.grokalign, name)]
+    if missing:
+        return (
+            f"grokalign_fast._C was built without the ops {missing}; rebuild it with "
+            "`pip install -e . --no-build-isolation`"
+        )
     return None
 
 

@@ -42,9 +42,10 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-// Saved layout (2L + 1 tensors): an empty tensor and S_1..S_{L-1} (the stacked inputs
-// [B + K*R, n_{l-1}] of layers 2..L; layer 1 reads x and v, passed to the backward),
-// D_1..D_L ([B, n_l]; empty for identity), t_L ([K*R, C], the last layer's tangent rows).
+// Saved layout (3L tensors): S_1..S_{L-1} (the stacked inputs [B + K*R, n_{l-1}] of layers
+// 2..L; layer 1 reads x and v, passed to the backward), D_1..D_L ([B, n_l]; empty for
+// identity), D_1[index]..D_L[index] ([R, n_l], the tangent rows' slopes, gathered once in the
+// forward; empty for identity or without index), t_L ([K*R, C], the last layer's tangent rows).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in, const Tensor& v,
                                                              const OptTensor& index, at::TensorList weights,
                                                              at::TensorList biases,
@@ -53,7 +54,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
   const pl_mlp::Shapes s =
       pl_mlp::check_args("dual_mlp_sqnorm", "v", true, x_in, v, index, weights, biases, has_bias, acts, alphas);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
-  std::vector<Tensor> S(L), D(L);
+  std::vector<Tensor> S(L), D(L), Dr(L);
   Tensor Z;
   int64_t nb = 0;
   for (int64_t l = 0; l < L; ++l) {
@@ -69,7 +70,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
     if (has_bias[l]) z.add_(biases[nb++]);
     D[l] = slope(z, acts[l], alphas[l]);
     if (D[l].defined()) {
-      scale_rows(Z.narrow(0, B, KR), index.has_value() ? D[l].index_select(0, *index) : D[l], K, R);
+      if (index.has_value()) Dr[l] = D[l].index_select(0, *index);
+      scale_rows(Z.narrow(0, B, KR), index.has_value() ? Dr[l] : D[l], K, R);
       z.mul_(D[l]);  // relu / leaky_relu: s(z) = s'(z) z
     }
     if (l + 1 < L) S[l + 1] = Z;
@@ -77,9 +79,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
   const Tensor y = Z.narrow(0, 0, B).clone();  // an output of its own (outputs must not alias)
   const Tensor tL = Z.narrow(0, B, KR);
   const Tensor sq = tL.view({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
-  std::vector<Tensor> saved = {at::empty({0}, x_in.options())};
-  saved.insert(saved.end(), S.begin() + 1, S.end());
+  std::vector<Tensor> saved(S.begin() + 1, S.end());
   for (int64_t l = 0; l < L; ++l) saved.push_back(D[l].defined() ? D[l] : at::empty({0}, x_in.options()));
+  for (int64_t l = 0; l < L; ++l) saved.push_back(Dr[l].defined() ? Dr[l] : at::empty({0}, x_in.options()));
   saved.push_back(tL);
   return {y, sq, saved};
 }
@@ -89,22 +91,19 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     const OptTensor& grad_y, const OptTensor& grad_sq, const Tensor& x, const Tensor& v, const OptTensor& index,
     at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x) {
   const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L + 1, "grokalign::dual_mlp_sqnorm_backward: saved must hold ",
-              2 * L + 1, " tensors, got ", saved.size());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L, "grokalign::dual_mlp_sqnorm_backward: saved must hold ",
+              3 * L, " tensors, got ", saved.size());
   TORCH_CHECK(static_cast<int64_t>(has_bias.size()) == L,
               "grokalign::dual_mlp_sqnorm_backward: has_bias needs one entry per weight");
-  const Tensor& tL = saved[2 * L];
+  const Tensor& tL = saved[3 * L - 1];
   const int64_t KR = tL.size(0), B = x.size(0);
   const int64_t R = index.has_value() ? index->size(0) : B;
   const int64_t K = R > 0 ? KR / R : 1;
   auto D = [&](int64_t l) {
-    const Tensor& d = saved[L + l];
+    const Tensor& d = saved[L - 1 + l];
     return d.numel() == 0 && B * weights[l].size(0) != 0 ? Tensor() : d;
   };
-  auto Dr = [&](int64_t l) {
-    const Tensor d = D(l);
-    return d.defined() && index.has_value() ? d.index_select(0, *index) : d;
-  };
+  auto Dr = [&](int64_t l) { return index.has_value() && D(l).defined() ? saved[2 * L - 1 + l] : D(l); };
   const Tensor& wL = weights[L - 1];
   // G_L: d loss / d [z_L; u_L] = [grad_y D_L; (2/K) grad_sq[r] t_L D_L[index]].
   Tensor G = at::empty({B + KR, wL.size(0)}, tL.options());
@@ -128,7 +127,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
   Tensor gx = at::empty({0}, tL.options());
   for (int64_t l = L - 1; l >= 0; --l) {
     if (l > 0) {
-      gw[l] = at::mm(G.t(), saved[l]);
+      gw[l] = at::mm(G.t(), saved[l - 1]);  // S_l
     } else {
       gw[0] = at::mm(G.narrow(0, 0, B).t(), x);
       gw[0].addmm_(G.narrow(0, B, KR).t(), v.reshape({KR, x.size(1)}));

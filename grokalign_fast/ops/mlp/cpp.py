@@ -35,12 +35,11 @@ The backward is not itself differentiable (no double backward).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 
-from ..._backends import _load_extension, cpp_unavailable_reason
+from ..._backends import cpp_unavailable_reason, extension_ops_reason
 from .reference import ACT_CODE, ACTIVATIONS, PIECEWISE_LINEAR
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -49,19 +48,9 @@ _MASK_CODES = frozenset((ACT_CODE["relu"], ACT_CODE["leaky_relu"]))
 _PIECEWISE_CODES = frozenset(ACT_CODE[a] for a in PIECEWISE_LINEAR)
 
 
-@functools.lru_cache(maxsize=None)
 def _ops_reason() -> Optional[str]:
     """None if the extension is loaded and registers the dual_linear ops."""
-    reason = _load_extension()
-    if reason is not None:
-        return reason
-    missing = [name for name in _OPS if not hasattr(torch.ops.grokalign, name)]
-    if missing:
-        return (
-            f"grokalign_fast._C was built without the ops {missing}; rebuild it with "
-            "`pip install -e . --no-build-isolation`"
-        )
-    return None
+    return extension_ops_reason(_OPS)
 
 
 def unavailable_reason(x, t, weight, bias, act, index) -> Optional[str]:

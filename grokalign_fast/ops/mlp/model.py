@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..._backends import extension_ops_reason
 from . import function
 from .reference import ACT_CODE
 
@@ -144,16 +145,7 @@ def whole_mlp_reason(steps: List[Step], training: bool, x: torch.Tensor) -> Opti
             return "the whole-MLP op does not run dropout in training mode"
     if x.device.type not in ("cpu", "cuda"):
         return f"the whole-MLP op runs on cpu and cuda tensors, not {x.device.type}"
-    if not _whole_mlp_op_loaded():
-        return "grokalign_fast._C is not built with grokalign::dual_mlp_sqnorm"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _whole_mlp_op_loaded() -> bool:
-    from ..._backends import _load_extension
-
-    return _load_extension() is None and hasattr(torch.ops.grokalign, "dual_mlp_sqnorm")
+    return extension_ops_reason(("dual_mlp_sqnorm", "dual_mlp_sqnorm_backward"))
 
 
 def whole_mlp_op_args(steps: List[Step]):

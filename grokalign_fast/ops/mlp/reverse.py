@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..._backends import _load_extension
+from ..._backends import extension_ops_reason
 from .model import DropoutStep, FlattenStep, LinearStep, Step, whole_mlp_op_args
 
 REVERSE_ACTIVATIONS = ("identity", "relu", "leaky_relu")
@@ -45,13 +45,7 @@ def cpp_unavailable_reason(x: torch.Tensor) -> Optional[str]:
     The op is written with ATen calls only, so a CPU-only build serves CUDA tensors too."""
     if x.device.type not in ("cpu", "cuda"):
         return f"grokalign::reverse_mlp runs on cpu and cuda tensors, not {x.device.type}"
-    reason = _load_extension()
-    if reason is not None:
-        return reason
-    if not hasattr(torch.ops.grokalign, "reverse_mlp"):
-        return ("grokalign_fast._C was built without grokalign::reverse_mlp; rebuild it with "
-                "`pip install -e . --no-build-isolation`")
-    return None
+    return extension_ops_reason(("reverse_mlp", "reverse_mlp_backward"))
 
 
 def unavailable_reason(steps: Optional[List[Step]], training: bool) -> Optional[str]:
