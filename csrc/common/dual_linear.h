@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cmath>
@@ -276,6 +277,57 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_gemms(const at::T
 inline std::optional<at::Tensor> opt_contiguous(const std::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) return std::nullopt;
   return t->contiguous();
+}
+
+// The four op entry points of one device, built from its forward_impl and backward_impl
+// (the same signatures on CPU and CUDA): each device file calls register_ops<...>(m) in
+// its TORCH_LIBRARY_IMPL block, so the argument plumbing exists once.
+using ForwardImpl = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, int64_t, double, bool, bool);
+using BackwardImpl = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, at::IntArrayRef, int64_t, double, std::array<bool, 4>, bool);
+
+template <ForwardImpl Forward, BackwardImpl Backward>
+struct OpEntries {
+  using OptTensor = std::optional<at::Tensor>;
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_linear(
+      const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight, const OptTensor& bias,
+      const OptTensor& index, int64_t act, double alpha, bool save) {
+    return Forward(x, t, weight, bias, index, act, alpha, save, /*sqnorm=*/false);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_sqnorm(
+      const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight, const OptTensor& bias,
+      const OptTensor& index, int64_t act, double alpha, bool save) {
+    auto [y, sq, mask, zu] = Forward(x, t, weight, bias, index, act, alpha, save, /*sqnorm=*/true);
+    return {y, sq, zu};
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_backward(
+      const OptTensor& grad_y, const OptTensor& grad_t_out, const OptTensor& x, const OptTensor& t,
+      const OptTensor& weight, const at::Tensor& mask, const at::Tensor& zu, const OptTensor& index,
+      at::IntArrayRef dims, int64_t act, double alpha, std::array<bool, 4> output_mask) {
+    return Backward(grad_y, grad_t_out, x, t, weight, mask, zu, index, dims, act, alpha, output_mask,
+                    /*sqnorm=*/false);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_sqnorm_backward(
+      const OptTensor& grad_y, const OptTensor& grad_sq, const OptTensor& x, const OptTensor& t,
+      const OptTensor& weight, const at::Tensor& zu, const OptTensor& index, at::IntArrayRef dims, int64_t act,
+      double alpha, std::array<bool, 4> output_mask) {
+    const at::Tensor no_mask = at::empty({0}, zu.options().dtype(at::kByte));
+    return Backward(grad_y, grad_sq, x, t, weight, no_mask, zu, index, dims, act, alpha, output_mask,
+                    /*sqnorm=*/true);
+  }
+};
+
+template <ForwardImpl Forward, BackwardImpl Backward>
+void register_ops(torch::Library& m) {
+  using E = OpEntries<Forward, Backward>;
+  m.impl("dual_linear", &E::dual_linear);
+  m.impl("dual_linear_sqnorm", &E::dual_linear_sqnorm);
+  m.impl("dual_linear_backward", &E::dual_linear_backward);
+  m.impl("dual_linear_sqnorm_backward", &E::dual_linear_sqnorm_backward);
 }
 
 }  // namespace dual_linear

@@ -327,46 +327,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return backward_gemms(G, d, p, x, t, weight);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_linear_cpu(
-    const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& index, int64_t act, double alpha, bool save) {
-  return forward_impl(x, t, weight, bias, index, act, alpha, save, /*sqnorm=*/false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_sqnorm_cpu(
-    const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& index, int64_t act, double alpha, bool save) {
-  auto [y, sq, mask, zu] = forward_impl(x, t, weight, bias, index, act, alpha, save, /*sqnorm=*/true);
-  return {y, sq, zu};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_backward_cpu(
-    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_t_out,
-    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mask, const at::Tensor& zu, const std::optional<at::Tensor>& index, at::IntArrayRef dims,
-    int64_t act, double alpha, std::array<bool, 4> output_mask) {
-  return backward_impl(grad_y, grad_t_out, x, t, weight, mask, zu, index, dims, act, alpha, output_mask,
-                       /*sqnorm=*/false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_sqnorm_backward_cpu(
-    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_sq,
-    const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& weight,
-    const at::Tensor& zu, const std::optional<at::Tensor>& index, at::IntArrayRef dims, int64_t act, double alpha,
-    std::array<bool, 4> output_mask) {
-  const at::Tensor no_mask = at::empty({0}, zu.options().dtype(at::kByte));
-  return backward_impl(grad_y, grad_sq, x, t, weight, no_mask, zu, index, dims, act, alpha, output_mask,
-                       /*sqnorm=*/true);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(grokalign, CPU, m) {
-  m.impl("dual_linear", &dual_linear_cpu);
-  m.impl("dual_linear_sqnorm", &dual_linear_sqnorm_cpu);
-  m.impl("dual_linear_backward", &dual_linear_backward_cpu);
-  m.impl("dual_linear_sqnorm_backward", &dual_linear_sqnorm_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(grokalign, CPU, m) { register_ops<&forward_impl, &backward_impl>(m); }
 
 }  // namespace dual_linear
 }  // namespace grokalign
