@@ -1,6 +1,7 @@
 """Interleaved timing of one MLP training step per provider; medians and ratios to plain.
 
-    .venv/bin/python bench/interleaved.py [--rounds 60] [--shapes all|paper|fast|wide] [--out bench/RESULTS.md]
+    .venv/bin/python bench/interleaved.py [--rounds 60] [--shapes all|paper|fast|wide] [--providers a,b]
+                                          [--out bench/RESULTS.md]
 
 Each round runs every provider once, in a fresh random order, so slow drifts of
 a shared machine hit all providers alike. Reports the median step time, its
@@ -26,10 +27,11 @@ from shapes import SHAPES  # noqa: E402
 SKIP = {"4096x4": ("exact",)}
 
 
-def run_shape(shape, rounds, warmup=3):
+def run_shape(shape, rounds, warmup=3, only=None):
     model = make_model(shape.sizes, shape.dtype, shape.bias)
     x, y = make_batch(shape.sizes, shape.batch, shape.dtype)
-    table = {k: v for k, v in providers(model, x).items() if k not in SKIP.get(shape.name, ())}
+    table = {k: v for k, v in providers(model, x).items()
+             if k not in SKIP.get(shape.name, ()) and (only is None or k == "plain" or k in only)}
     for name in table:
         if name in ("fused_cpp", "fused_triton"):
             check_fused_matches_reference(model, x, name.split("_")[1],
@@ -58,8 +60,11 @@ def main():
     ap.add_argument("--shapes", default="fast", choices=["all", "fast", "paper", "wide"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
+    ap.add_argument("--providers", default=None,
+                    help="comma-separated providers to time (plain is always timed); default: all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    only = None if args.providers is None else set(args.providers.split(","))
     shapes = SHAPES
     if args.shapes == "fast":
         shapes = [s for s in SHAPES if s.name != "4096x4"]
@@ -78,7 +83,7 @@ def main():
     for shape in shapes:
         rounds = max(5, args.rounds // 6) if shape.name == "4096x4" else args.rounds
         rows = [f"| {shape.id} | {name} | {ms:.2f} | {ratio:.2f} | {mib:.1f} |"
-                for name, ms, ratio, mib in run_shape(shape, rounds)]
+                for name, ms, ratio, mib in run_shape(shape, rounds, only=only)]
         print("\n".join(rows), flush=True)
         lines += rows
     text = "\n".join(lines)

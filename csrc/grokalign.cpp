@@ -59,7 +59,7 @@ TORCH_LIBRARY(grokalign, m) {
   // (csrc/cpu/dual_mlp.cpp): the MLP runs on the stacked rows [x; v] with the tangent rows
   // taking the primal rows' slopes. v [K, R, IN] input probes riding on rows index [R];
   // other arguments as reverse_mlp. Returns y [B, C], sq[r] = (1/K) sum_k ||J(x[index[r]]) v[k, r]||^2 [R],
-  // and the state the backward needs (3L tensors).
+  // and the state the backward needs (2L tensors, see dual_mlp.cpp).
   m.def(
       "dual_mlp_sqnorm(Tensor x, Tensor v, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
       "int[] acts, float[] alphas) -> (Tensor y, Tensor sq, Tensor[] saved)");

@@ -433,3 +433,43 @@ def test_whole_mlp_op_opcheck_compile_and_limits():
            [0.2, 0.0])
     with pytest.raises(RuntimeError, match="piecewise-linear activation code"):
         op(x, V, idx, weights, [model[0].bias], [True, False], [5, 0], [0.2, 0.0])
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("op_name", ["dual_mlp_sqnorm", "reverse_mlp"])
+@pytest.mark.parametrize("act", PL_ACTS, ids=repr)
+def test_whole_mlp_ops_aten_fallback_equals_cpu_loops(op_name, act):
+    """The whole-MLP ops run their elementwise passes as CPU loops for float / double
+    (csrc/common/pl_rows.h) and as ATen ops elsewhere (other devices, other dtypes). bfloat16 on
+    the CPU takes the ATen path: from the same bfloat16 values, its outputs and gradients match
+    the float64 loops up to bfloat16 rounding (a wrong slope row or a lost mask is an O(1) error)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(9, 8), act, nn.Linear(8, 7, bias=False), act, nn.Linear(7, 3)).double()
+    steps, _ = mlp_model.plan(model)
+    weights, biases, has_bias, acts, alphas = mlp_model.whole_mlp_op_args(steps)
+    idx = torch.tensor([4, 0, 4, 2])
+    x = torch.randn(5, 9, dtype=torch.float64)
+    probes = torch.randn(2, 4, 9 if op_name == "dual_mlp_sqnorm" else 3, dtype=torch.float64)
+    op = getattr(torch.ops.grokalign, op_name)
+    got = {}
+    for dtype in (torch.bfloat16, torch.float64):
+        leaves = [t.detach().to(torch.bfloat16).to(dtype).requires_grad_(True) for t in [x] + weights + biases]
+        xs, ws, bs = leaves[0], leaves[1:1 + len(weights)], leaves[1 + len(weights):]
+        y, est, _ = op(xs, probes.to(torch.bfloat16).to(dtype), idx, ws, bs, has_bias, acts, alphas)
+        loss = y.sum() + est.sum()
+        got[dtype] = [y, est] + list(torch.autograd.grad(loss, leaves))
+    for a, b in zip(got[torch.bfloat16], got[torch.float64]):
+        scale = b.abs().max().item() + 1e-3
+        assert (a.double() - b).abs().max().item() <= 0.05 * scale
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("op_name", ["dual_mlp_sqnorm", "reverse_mlp"])
+def test_whole_mlp_ops_refuse_an_out_of_range_index(op_name):
+    w = [torch.randn(4, 3), torch.randn(2, 4)]
+    x = torch.randn(5, 3)
+    probes = torch.randn(1, 2, 3 if op_name == "dual_mlp_sqnorm" else 2)
+    op = getattr(torch.ops.grokalign, op_name)
+    for bad in ([0, 5], [-1, 2]):
+        with pytest.raises(RuntimeError, match=r"index\[\d\] = -?\d is out of range for x with B=5 rows"):
+            op(x, probes, torch.tensor(bad), w, [], [False, False], [1, 0], [0.0, 0.0])

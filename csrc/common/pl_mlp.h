@@ -1,6 +1,7 @@
 // Shared by the whole-MLP one-pass ops for piecewise-linear MLPs
 // (grokalign::reverse_mlp in csrc/cpu/reverse_mlp.cpp and grokalign::dual_mlp_sqnorm
-// in csrc/cpu/dual_mlp.cpp): argument checks and the slopes s'(z) as tensors.
+// in csrc/cpu/dual_mlp.cpp): argument checks and the autograd save / result helpers
+// (their elementwise passes are in common/pl_rows.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "common/dual_linear.h"
+#include "common/pl_rows.h"
 
 namespace grokalign {
 namespace pl_mlp {
@@ -81,22 +83,6 @@ inline Shapes check_args(const char* op, const char* probe_name, bool input_prob
 }
 
 #undef PL_CHECK
-
-// s'(z): a bool mask [z > 0] for ReLU (1 byte per entry saved for backward; multiplying a
-// float tensor by it promotes to float), a tensor of z's dtype for leaky ReLU, undefined for
-// identity (s' = 1).
-inline Tensor slope(const Tensor& z, int64_t act, double alpha) {
-  if (act == kIdentity) return Tensor();
-  const Tensor pos = z.gt(0);
-  if (act == kRelu) return pos;
-  return at::where(pos, at::ones({}, z.options()), at::full({}, alpha, z.options()));
-}
-
-// t *= d (d [R, n] broadcast over the K probes of t [K*R, n]); nothing for an undefined d.
-inline void scale_rows(const Tensor& t, const Tensor& d, int64_t K, int64_t R) {
-  if (!d.defined()) return;
-  t.view({K, R, -1}).mul_(d.unsqueeze(0));
-}
 
 inline std::vector<bool> bool_vector(const c10::List<bool>& list) {
   std::vector<bool> out;

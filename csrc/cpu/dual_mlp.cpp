@@ -36,16 +36,15 @@ namespace {
 
 using at::Tensor;
 using pl_mlp::bool_vector;
-using pl_mlp::scale_rows;
-using pl_mlp::slope;
+using pl_rows::mul_slopes;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-// Saved layout (3L tensors): S_1..S_{L-1} (the stacked inputs [B + K*R, n_{l-1}] of layers
+// Saved layout (2L tensors): S_1..S_{L-1} (the stacked inputs [B + K*R, n_{l-1}] of layers
 // 2..L; layer 1 reads x and v, passed to the backward), D_1..D_L ([B, n_l]; empty for
-// identity), D_1[index]..D_L[index] ([R, n_l], the tangent rows' slopes, gathered once in the
-// forward; empty for identity or without index), t_L ([K*R, C], the last layer's tangent rows).
+// identity; tangent rows read the slopes of their primal row index[r] in place), t_L
+// ([K*R, C], the last layer's tangent rows).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in, const Tensor& v,
                                                              const OptTensor& index, at::TensorList weights,
                                                              at::TensorList biases,
@@ -53,8 +52,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
                                                              at::IntArrayRef acts, at::ArrayRef<double> alphas) {
   const pl_mlp::Shapes s =
       pl_mlp::check_args("dual_mlp_sqnorm", "v", true, x_in, v, index, weights, biases, has_bias, acts, alphas);
+  pl_rows::check_index_range("dual_mlp_sqnorm", index, s.B);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
-  std::vector<Tensor> S(L), D(L), Dr(L);
+  std::vector<Tensor> S(L), D(L);
   Tensor Z;
   int64_t nb = 0;
   for (int64_t l = 0; l < L; ++l) {
@@ -66,22 +66,16 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
     } else {
       Z = at::mm(S[l], weights[l].t());  // [B + K*R, n_l]: primal rows, then tangent rows
     }
-    Tensor z = Z.narrow(0, 0, B);
-    if (has_bias[l]) z.add_(biases[nb++]);
-    D[l] = slope(z, acts[l], alphas[l]);
-    if (D[l].defined()) {
-      if (index.has_value()) Dr[l] = D[l].index_select(0, *index);
-      scale_rows(Z.narrow(0, B, KR), index.has_value() ? Dr[l] : D[l], K, R);
-      z.mul_(D[l]);  // relu / leaky_relu: s(z) = s'(z) z
-    }
+    const Tensor* bias = has_bias[l] ? &biases[nb++] : nullptr;
+    D[l] = pl_rows::activate(Z.narrow(0, 0, B), bias, acts[l], alphas[l]);
+    mul_slopes(Tensor(), Z.narrow(0, B, KR), D[l], index, K, R);
     if (l + 1 < L) S[l + 1] = Z;
   }
   const Tensor y = Z.narrow(0, 0, B).clone();  // an output of its own (outputs must not alias)
   const Tensor tL = Z.narrow(0, B, KR);
-  const Tensor sq = tL.view({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
+  const Tensor sq = pl_rows::probe_sqnorm(tL, K, R);
   std::vector<Tensor> saved(S.begin() + 1, S.end());
   for (int64_t l = 0; l < L; ++l) saved.push_back(D[l].defined() ? D[l] : at::empty({0}, x_in.options()));
-  for (int64_t l = 0; l < L; ++l) saved.push_back(Dr[l].defined() ? Dr[l] : at::empty({0}, x_in.options()));
   saved.push_back(tL);
   return {y, sq, saved};
 }
@@ -91,11 +85,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     const OptTensor& grad_y, const OptTensor& grad_sq, const Tensor& x, const Tensor& v, const OptTensor& index,
     at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x) {
   const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L, "grokalign::dual_mlp_sqnorm_backward: saved must hold ",
-              3 * L, " tensors, got ", saved.size());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L, "grokalign::dual_mlp_sqnorm_backward: saved must hold ",
+              2 * L, " tensors, got ", saved.size());
   TORCH_CHECK(static_cast<int64_t>(has_bias.size()) == L,
               "grokalign::dual_mlp_sqnorm_backward: has_bias needs one entry per weight");
-  const Tensor& tL = saved[3 * L - 1];
+  const Tensor& tL = saved[2 * L - 1];
   const int64_t KR = tL.size(0), B = x.size(0);
   const int64_t R = index.has_value() ? index->size(0) : B;
   const int64_t K = R > 0 ? KR / R : 1;
@@ -103,7 +97,6 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     const Tensor& d = saved[L - 1 + l];
     return d.numel() == 0 && B * weights[l].size(0) != 0 ? Tensor() : d;
   };
-  auto Dr = [&](int64_t l) { return index.has_value() && D(l).defined() ? saved[2 * L - 1 + l] : D(l); };
   const Tensor& wL = weights[L - 1];
   // G_L: d loss / d [z_L; u_L] = [grad_y D_L; (2/K) grad_sq[r] t_L D_L[index]].
   Tensor G = at::empty({B + KR, wL.size(0)}, tL.options());
@@ -119,7 +112,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     const Tensor c = grad_sq->mul(2.0 / static_cast<double>(K)).view({1, R, 1});
     Tensor bottom3 = bottom.view({K, R, -1});
     at::mul_out(bottom3, tL.view({K, R, -1}), c);
-    scale_rows(bottom, Dr(L - 1), K, R);
+    mul_slopes(Tensor(), bottom, dL, index, K, R);
   } else {
     bottom.zero_();
   }
@@ -135,11 +128,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     if (has_bias[l]) gb_layer[l] = G.narrow(0, 0, B).sum(0);
     if (l > 0) {
       Tensor next = at::mm(G, weights[l]);  // [B + K*R, n_{l-1}]
-      const Tensor d = D(l - 1);
-      if (d.defined()) {
-        next.narrow(0, 0, B).mul_(d);
-        scale_rows(next.narrow(0, B, KR), Dr(l - 1), K, R);
-      }
+      mul_slopes(next.narrow(0, 0, B), next.narrow(0, B, KR), D(l - 1), index, K, R);
       G = next;
     } else if (need_x) {
       gx = at::mm(G.narrow(0, 0, B), weights[0]);  // the probes V need no gradient

@@ -38,8 +38,7 @@ namespace {
 
 using at::Tensor;
 using pl_mlp::bool_vector;
-using pl_mlp::scale_rows;
-using pl_mlp::slope;
+using pl_rows::mul_slopes;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
@@ -52,8 +51,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
   const pl_mlp::Shapes s =
       pl_mlp::check_args("reverse_mlp", "u", false, x_in, u_in, index, weights, biases, has_bias, acts, alphas);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
+  pl_rows::check_index_range("reverse_mlp", index, s.B);
   const Tensor x = x_in.contiguous();
-  std::vector<Tensor> S(L), D(L), Dr(L), delta(L);
+  std::vector<Tensor> S(L), D(L), delta(L);
   // Primal: z_l into the top rows of S_l (hidden layers) or into y (last layer).
   Tensor h = x, y;
   int64_t nb = 0;
@@ -68,35 +68,34 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
     } else {
       z = at::mm(h, w.t());
     }
-    if (has_bias[l]) z.add_(biases[nb++]);
-    D[l] = slope(z, acts[l], alphas[l]);
-    if (D[l].defined()) {
-      Dr[l] = index.has_value() ? D[l].index_select(0, *index) : D[l];
-      z.mul_(D[l]);  // relu / leaky_relu: s(z) = s'(z) z
-    }
+    D[l] = pl_rows::activate(z, has_bias[l] ? &biases[nb++] : nullptr, acts[l], alphas[l]);
     h = z;
   }
   y = h;
   // The VJP chain: delta_L = D_L u, delta_{l-1} = D_{l-1} (delta_l W_l); g = delta_1 W_1.
+  // Probe rows (k, r) take the slopes of primal row index[r] (pl_rows::mul_slopes).
   Tensor d = u_in.reshape({KR, u_in.size(2)});
-  if (Dr[L - 1].defined()) d = (d.view({K, R, -1}) * Dr[L - 1].unsqueeze(0)).view({KR, -1});
+  if (D[L - 1].defined()) {
+    d = d.clone(at::MemoryFormat::Contiguous);
+    mul_slopes(Tensor(), d, D[L - 1], index, K, R);
+  }
   Tensor g;
   for (int64_t l = L - 1; l >= 0; --l) {
     // Saved for backward, so never a view of the input u (identity last layer).
-    delta[l] = (l == L - 1 && !Dr[L - 1].defined()) ? d.clone(at::MemoryFormat::Contiguous) : d.contiguous();
+    delta[l] = (l == L - 1 && !D[L - 1].defined()) ? d.clone(at::MemoryFormat::Contiguous) : d.contiguous();
     g = at::mm(delta[l], weights[l]);
     if (l > 0) {
-      scale_rows(g, Dr[l - 1], K, R);
+      mul_slopes(Tensor(), g, D[l - 1], index, K, R);
       d = g;
     }
   }
-  const Tensor est = g.view({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
+  const Tensor est = pl_rows::probe_sqnorm(g, K, R);
   // The tangent along g: t_l = D_l (t_{l-1} W_l^T) into the bottom rows of S_l (l < L).
   Tensor t = g;
   for (int64_t l = 0; l + 1 < L; ++l) {
     Tensor out = S[l].narrow(0, B, KR);
     at::mm_out(out, t, weights[l].t());
-    scale_rows(out, Dr[l], K, R);
+    mul_slopes(Tensor(), out, D[l], index, K, R);
     t = out;
   }
   std::vector<Tensor> saved;
@@ -177,8 +176,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
       if (l > 0) {
         next = new_gamma(l - 1, G);
         at::mm_out(next, gamma, w);
-        const Tensor dl = D(l - 1);
-        if (dl.defined()) next.mul_(dl);
+        mul_slopes(next, Tensor(), D(l - 1), std::nullopt, 0, 0);
       } else {
         next = at::mm(gamma, w);
       }

@@ -1,0 +1,202 @@
+// Elementwise passes of the whole-MLP one-pass ops (grokalign::dual_mlp_sqnorm,
+// grokalign::reverse_mlp) over their row buffers, each as one loop on the CPU.
+//
+// Row layout: a layer's primal rows z [B, n] and its tangent rows t [K*R, n], where
+// tangent row k*R + r rides on primal row src(r) = index[r] (or r without index) and
+// takes that row's slope s'(z). The ops used to run each pass as 2-5 ATen calls (a
+// compare, a gather of the slopes for the tangent rows, a bool->float conversion, a
+// multiply); here it is one pass that reads the slopes of row src(r) in place, so no
+// gathered copy is made or saved.
+//
+// Threads: a pass runs on one thread below kGrainElems elements per chunk. These passes
+// are memory-bound and short (a 250 x 200 float buffer takes ~10-20 us on one core), and
+// waking OpenMP's sleeping workers costs more than that (40-120 us measured with
+// OMP_WAIT_POLICY=PASSIVE on the 2-core development machine), so ATen's 32k-element grain
+// made the small models' passes slower with 2 threads than with 1.
+//
+// Each function has an ATen fallback with the same results (any device, any dtype, any
+// strides); the loops serve contiguous-row float / double CPU tensors.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "common/dual_linear.h"
+
+namespace grokalign {
+namespace pl_rows {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kGrainElems = int64_t{1} << 16;
+
+inline int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1)); }
+
+// A CPU float/double matrix whose rows are contiguous (any row stride), or undefined.
+inline bool loop_ok(const Tensor& t) {
+  if (!t.defined()) return true;
+  return t.device().is_cpu() && t.dim() == 2 &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) && (t.size(1) <= 1 || t.stride(1) == 1);
+}
+
+// index [R] (long, CPU) must address rows of a B-row primal block: checked on the host
+// before any loop reads through it (index_select checks the same on the ATen path).
+inline void check_index_range(const char* op, const OptTensor& index, int64_t B) {
+  if (!index.has_value() || !index->device().is_cpu()) return;
+  const Tensor idx = index->contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t r = 0; r < idx.numel(); ++r)
+    TORCH_CHECK(p[r] >= 0 && p[r] < B, "grokalign::", op, ": index[", r, "] = ", p[r],
+                " is out of range for x with B=", B, " rows");
+}
+
+// s'(z): a bool mask [z > 0] for ReLU (1 byte per entry saved for backward), a tensor of
+// z's dtype for leaky ReLU, undefined for identity (s' = 1).
+inline Tensor slope(const Tensor& z, int64_t act, double alpha) {
+  if (act == dual_linear::kIdentity) return Tensor();
+  const Tensor pos = z.gt(0);
+  if (act == dual_linear::kRelu) return pos;
+  return at::where(pos, at::ones({}, z.options()), at::full({}, alpha, z.options()));
+}
+
+// In place on the primal rows z [B, n]: z += bias (if given); returns D = s'(z) (see slope)
+// and sets z = s(z) with torch's semantics (relu: NaN stays NaN, -inf becomes 0).
+inline Tensor activate(const Tensor& z, const Tensor* bias, int64_t act, double alpha) {
+  using namespace dual_linear;
+  const bool loop = loop_ok(z) && z.size(0) * z.size(1) > 0 &&
+                    (bias == nullptr || (bias->is_contiguous() && bias->scalar_type() == z.scalar_type()));
+  if (act == kIdentity || !loop) {
+    if (bias != nullptr) z.add_(*bias);
+    const Tensor D = slope(z, act, alpha);
+    if (act == kRelu) z.clamp_min_(0);
+    else if (act == kLeakyRelu) {
+      Tensor zz = z;  // the same storage; at::leaky_relu_ takes a non-const reference
+      at::leaky_relu_(zz, alpha);
+    }
+    return D;
+  }
+  const int64_t B = z.size(0), n = z.size(1), ld = z.stride(0);
+  const Tensor D = at::empty({B, n}, z.options().dtype(act == kRelu ? at::kBool : z.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "grokalign_pl_activate", [&] {
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* bp = bias != nullptr ? bias->data_ptr<scalar_t>() : nullptr;
+    const scalar_t a = static_cast<scalar_t>(alpha);
+    bool* mp = act == kRelu ? D.data_ptr<bool>() : nullptr;
+    scalar_t* sp = act == kRelu ? nullptr : D.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_rows(n), [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        scalar_t* row = zp + i * ld;
+        if (bp != nullptr)
+          for (int64_t j = 0; j < n; ++j) row[j] += bp[j];
+        if (mp != nullptr) {
+          bool* m = mp + i * n;
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t v = row[j];
+            m[j] = v > scalar_t(0);
+            row[j] = v < scalar_t(0) ? scalar_t(0) : v;
+          }
+        } else {
+          scalar_t* s = sp + i * n;
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t v = row[j];
+            const bool pos = v > scalar_t(0);
+            s[j] = pos ? scalar_t(1) : a;
+            row[j] = pos ? v : v * a;
+          }
+        }
+      }
+    });
+  });
+  return D;
+}
+
+// primal [B, n] *= D and tangent [K*R, n] row k*R + r *= D[src(r)]; either may be
+// undefined, nothing happens for an undefined D (identity). Multiplication, also by a
+// bool mask, so a NaN or inf in a masked entry gives NaN as with ATen's mul.
+inline void mul_slopes(const Tensor& primal, const Tensor& tangent, const Tensor& D, const OptTensor& index,
+                       int64_t K, int64_t R) {
+  if (!D.defined() || (!primal.defined() && !tangent.defined())) return;
+  const bool loop = loop_ok(primal) && loop_ok(tangent) && D.device().is_cpu() && D.is_contiguous() &&
+                    (!index.has_value() || (index->device().is_cpu() && index->is_contiguous())) &&
+                    (D.scalar_type() == at::kBool ||
+                     D.scalar_type() == (primal.defined() ? primal : tangent).scalar_type()) &&
+                    (!primal.defined() || !tangent.defined() || primal.scalar_type() == tangent.scalar_type());
+  if (!loop) {
+    if (primal.defined()) primal.mul_(D);
+    if (tangent.defined()) {
+      const Tensor Dr = index.has_value() ? D.index_select(0, *index) : D;
+      tangent.view({K, R, -1}).mul_(Dr.unsqueeze(0));
+    }
+    return;
+  }
+  const int64_t Bp = primal.defined() ? primal.size(0) : 0;
+  const int64_t Bt = tangent.defined() ? K * R : 0;
+  const int64_t n = D.size(1);
+  if ((Bp + Bt) * n == 0) return;
+  const int64_t ldp = primal.defined() ? primal.stride(0) : 0, ldt = tangent.defined() ? tangent.stride(0) : 0;
+  const int64_t* ip = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES((primal.defined() ? primal : tangent).scalar_type(), "grokalign_pl_mul_slopes", [&] {
+    scalar_t* pp = primal.defined() ? primal.data_ptr<scalar_t>() : nullptr;
+    scalar_t* tp = tangent.defined() ? tangent.data_ptr<scalar_t>() : nullptr;
+    const bool mask = D.scalar_type() == at::kBool;
+    const bool* mp = mask ? D.data_ptr<bool>() : nullptr;
+    const scalar_t* sp = mask ? nullptr : D.data_ptr<scalar_t>();
+    at::parallel_for(0, Bp + Bt, grain_rows(n), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* row;
+        int64_t src;
+        if (i < Bp) {
+          row = pp + i * ldp;
+          src = i;
+        } else {
+          const int64_t r = (i - Bp) % R;
+          row = tp + (i - Bp) * ldt;
+          src = ip != nullptr ? ip[r] : r;
+        }
+        if (mask) {
+          const bool* m = mp + src * n;
+          for (int64_t j = 0; j < n; ++j) row[j] *= static_cast<scalar_t>(m[j]);
+        } else {
+          const scalar_t* s = sp + src * n;
+          for (int64_t j = 0; j < n; ++j) row[j] *= s[j];
+        }
+      }
+    });
+  });
+}
+
+// sq[r] = (1/K) sum_k ||t[k*R + r]||^2 for tangent rows t [K*R, n]; returns [R].
+inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R) {
+  if (!loop_ok(t) || t.numel() == 0)
+    return t.reshape({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
+  const int64_t n = t.size(1), ld = t.stride(0);
+  Tensor sq = at::empty({R}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_pl_probe_sqnorm", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* out = sq.data_ptr<scalar_t>();
+    at::parallel_for(0, R, grain_rows(K * n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        acc_t acc[4] = {0, 0, 0, 0};  // four partial sums: independent chains pipeline
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* row = tp + (k * R + r) * ld;
+          int64_t j = 0;
+          for (; j + 4 <= n; j += 4)
+            for (int q = 0; q < 4; ++q) acc[q] += static_cast<acc_t>(row[j + q]) * static_cast<acc_t>(row[j + q]);
+          for (; j < n; ++j) acc[0] += static_cast<acc_t>(row[j]) * static_cast<acc_t>(row[j]);
+        }
+        out[r] = static_cast<scalar_t>(((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<acc_t>(K));
+      }
+    });
+  });
+  return sq;
+}
+
+}  // namespace pl_rows
+}  // namespace grokalign
