@@ -5,10 +5,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/dual_linear.h"
@@ -91,39 +93,84 @@ inline std::vector<bool> bool_vector(const c10::List<bool>& list) {
   return out;
 }
 
-// The autograd Functions of both ops save: the inputs named in `head` (reverse_mlp: x;
-// dual_mlp_sqnorm: x, v), index (or an undefined tensor), the weights and the op's saved state.
-inline void save_for_backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> head,
-                              const OptTensor& index, at::TensorList weights, at::TensorList biases,
-                              const c10::List<bool>& has_bias, at::TensorList state) {
-  ctx->set_materialize_grads(false);
-  head.push_back(index.has_value() ? *index : Tensor());
-  head.insert(head.end(), weights.begin(), weights.end());
-  head.insert(head.end(), state.begin(), state.end());
-  ctx->save_for_backward(head);
-  ctx->saved_data["L"] = static_cast<int64_t>(weights.size());
-  ctx->saved_data["nb"] = static_cast<int64_t>(biases.size());
-  ctx->saved_data["has_index"] = index.has_value() && index->defined();
-  ctx->saved_data["has_bias"] = has_bias;
-  ctx->mark_non_differentiable(state.vec());
-}
+// The autograd of both ops (Names: the forward and backward op names). Their schemas agree:
+//   fwd(x, probes, index?, weights, biases, has_bias, acts, alphas) -> (y, est, saved[])
+//   bwd(grad_y?, grad_est?, x, probes, index?, weights, saved, has_bias, need_x)
+//     -> (grad_x, grad_weights[], grad_biases[])
+// The Function saves x, the probes, index (or an undefined tensor), the weights and the op's
+// saved state (x and the probes are the caller's tensors, not copies).
+using ForwardSig = std::tuple<Tensor, Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                   at::TensorList, at::TensorList, c10::List<bool>,
+                                                                   at::IntArrayRef, at::ArrayRef<double>);
+using BackwardSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
+    const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, at::TensorList,
+    at::TensorList, c10::List<bool>, bool);
 
-// The backward's result: one entry per forward argument (a TensorList counts one per element):
-// the n_head leading tensors (only the first, x, gets a gradient), index, weights (L), biases
-// (nb), has_bias, acts, alphas. needs_input_grad counts only the tensors present: the head,
-// index when given, the weights, the biases.
-inline torch::autograd::variable_list grads_result(torch::autograd::AutogradContext* ctx, int64_t n_head,
-                                                   const Tensor& gx, const std::vector<Tensor>& gw,
-                                                   const std::vector<Tensor>& gb) {
-  const int64_t L = ctx->saved_data["L"].toInt(), nb = ctx->saved_data["nb"].toInt();
-  const int64_t w0 = n_head + (ctx->saved_data["has_index"].toBool() ? 1 : 0);
-  torch::autograd::variable_list result(n_head + 1 + L + nb + 3);
-  if (ctx->needs_input_grad(0)) result[0] = gx;
-  for (int64_t l = 0; l < L; ++l)
-    if (ctx->needs_input_grad(w0 + l)) result[n_head + 1 + l] = gw[l];
-  for (int64_t j = 0; j < nb; ++j)
-    if (ctx->needs_input_grad(w0 + L + j)) result[n_head + 1 + L + j] = gb[j];
-  return result;
+template <class Names>
+struct WholeMLPFunction : public torch::autograd::Function<WholeMLPFunction<Names>> {
+  using variable_list = torch::autograd::variable_list;
+
+  static variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& probes,
+                               const OptTensor& index, at::TensorList weights, at::TensorList biases,
+                               c10::List<bool> has_bias, std::vector<int64_t> acts, std::vector<double> alphas) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(Names::kForward, "").template typed<ForwardSig>();
+    auto [y, est, state] = op.call(x, probes, index, weights, biases, has_bias, acts, alphas);
+    ctx->set_materialize_grads(false);
+    std::vector<Tensor> keep = {x, probes, index.has_value() ? *index : Tensor()};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    keep.insert(keep.end(), state.begin(), state.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["L"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["nb"] = static_cast<int64_t>(biases.size());
+    ctx->saved_data["has_index"] = index.has_value() && index->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->mark_non_differentiable(state);
+    variable_list out = {y, est};
+    out.insert(out.end(), state.begin(), state.end());
+    return out;
+  }
+
+  // One entry per forward argument (a TensorList counts one per element): x, probes, index,
+  // weights (L), biases (nb), has_bias, acts, alphas; only x, the weights and the biases get
+  // gradients. needs_input_grad counts only the tensors present: x, probes, index when given,
+  // the weights, the biases.
+  static variable_list backward(torch::autograd::AutogradContext* ctx, variable_list grads) {
+    const Tensor& gy = grads[0];
+    const Tensor& ge = grads[1];
+    const int64_t L = ctx->saved_data["L"].toInt(), nb = ctx->saved_data["nb"].toInt();
+    variable_list result(3 + L + nb + 3);
+    if (!gy.defined() && !ge.defined()) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    const OptTensor index = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+    const std::vector<Tensor> weights(saved.begin() + 3, saved.begin() + 3 + L);
+    const std::vector<Tensor> state(saved.begin() + 3 + L, saved.end());
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(Names::kBackward, "").template typed<BackwardSig>();
+    auto [gx, gw, gb] = op.call(gy.defined() ? OptTensor(gy) : std::nullopt,
+                                ge.defined() ? OptTensor(ge) : std::nullopt, saved[0], saved[1], index, weights,
+                                state,
+                                ctx->saved_data["has_bias"].toBoolList(), ctx->needs_input_grad(0));
+    const int64_t w0 = 2 + (ctx->saved_data["has_index"].toBool() ? 1 : 0);
+    if (ctx->needs_input_grad(0)) result[0] = gx;
+    for (int64_t l = 0; l < L; ++l)
+      if (ctx->needs_input_grad(w0 + l)) result[3 + l] = gw[l];
+    for (int64_t j = 0; j < nb; ++j)
+      if (ctx->needs_input_grad(w0 + L + j)) result[3 + L + j] = gb[j];
+    return result;
+  }
+};
+
+// The Autograd-key kernel of an op: WholeMLPFunction<Names> applied, outputs as the schema has them.
+template <class Names>
+std::tuple<Tensor, Tensor, std::vector<Tensor>> autograd_kernel(const Tensor& x, const Tensor& probes,
+                                                                const OptTensor& index, at::TensorList weights,
+                                                                at::TensorList biases, c10::List<bool> has_bias,
+                                                                at::IntArrayRef acts, at::ArrayRef<double> alphas) {
+  const torch::autograd::variable_list out =
+      WholeMLPFunction<Names>::apply(x, probes, index, weights, biases, has_bias, acts.vec(), alphas.vec());
+  return {out[0], out[1], std::vector<Tensor>(out.begin() + 2, out.end())};
 }
 
 }  // namespace pl_mlp

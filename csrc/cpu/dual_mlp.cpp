@@ -5,20 +5,21 @@
 // piecewise constant, so the tangent t_l = D_l (t_{l-1} W_l^T) is a second batch of
 // rows pushed through the same GEMMs with no bias and the primal's slopes (rows
 // index[r] of D_l). The op therefore runs the MLP on stacked rows S_l = [h_l; t_l]
-// ([B + K*R, n_l]): one GEMM per layer in the forward, and in the backward one GEMM
-// per layer for dW_l = G_l^T S_{l-1} and one for G_l W_l, over the loss and penalty
-// rows together. The first layer reads x and V where they are (two GEMMs into one
-// output; stacking them would copy B + K*R input rows, ~1 ms at 1000 x 784) (plain backprop on B + K*R rows, with masks on the
-// tangent rows taken from their primal rows). Per-layer ops (grokalign::dual_linear)
-// cover the smooth activations; this op removes their per-layer dispatch and the
-// separate, less efficient GEMMs on the R tangent rows when R is a fraction of B
-// (subsample).
+// ([B + K*R, n_l]): plain backprop on B + K*R rows, with the tangent rows taking the
+// slopes of their primal rows. One GEMM per layer in the forward, and in the backward one
+// GEMM per layer for dW_l = G_l^T S_{l-1} and one for G_l W_l, over the loss and penalty
+// rows together. Layer 1 reads x and v where they are, with two GEMMs each way: stacking
+// them into S_0 (a copy of B + K*R input rows, kept for the backward) gave no measurable
+// gain in interleaved training steps (2026-11-30). Per-layer ops (grokalign::dual_linear) cover the smooth
+// activations; this op removes their per-layer dispatch and the separate, less efficient
+// GEMMs on the R tangent rows when R is a fraction of B (subsample). The elementwise
+// passes are single loops (common/pl_rows.h).
 //
 //   sq[r] = (1/K) sum_k ||t_L[k, r]||^2,  d sq[r] / d t_L[k, r] = (2/K) t_L[k, r].
 //
-// Written with ATen ops only (CompositeExplicitAutograd: any device, FakeTensor runs it
-// for shapes). Sits in csrc/cpu/ because setup.py and CMake compile that folder into
-// every build.
+// Registered for CompositeExplicitAutograd: ATen ops on any device (FakeTensor runs it for
+// shapes), CPU loops for the elementwise passes. Sits in csrc/cpu/ because setup.py and
+// CMake compile that folder into every build.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -37,8 +38,6 @@ namespace {
 using at::Tensor;
 using pl_mlp::bool_vector;
 using pl_rows::mul_slopes;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 // Saved layout (2L tensors): S_1..S_{L-1} (the stacked inputs [B + K*R, n_{l-1}] of layers
@@ -120,7 +119,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
   Tensor gx = at::empty({0}, tL.options());
   for (int64_t l = L - 1; l >= 0; --l) {
     if (l > 0) {
-      gw[l] = at::mm(G.t(), saved[l - 1]);  // S_l
+      gw[l] = at::mm(G.t(), saved[l - 1]);  // S_{l-1}: loss and penalty rows in one GEMM
     } else {
       gw[0] = at::mm(G.narrow(0, 0, B).t(), x);
       gw[0].addmm_(G.narrow(0, B, KR).t(), v.reshape({KR, x.size(1)}));
@@ -154,57 +153,10 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> dual_mlp_sqnorm_bac
   return backward_impl(grad_y, grad_sq, x, v, index, weights, saved, bool_vector(has_bias), need_x);
 }
 
-// ---- autograd ----
-
-using ForwardSig = std::tuple<Tensor, Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, const OptTensor&,
-                                                                   at::TensorList, at::TensorList, c10::List<bool>,
-                                                                   at::IntArrayRef, at::ArrayRef<double>);
-using BackwardSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
-    const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, at::TensorList,
-    at::TensorList, c10::List<bool>, bool);
-
-struct DualMLPFunction : public torch::autograd::Function<DualMLPFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& v, const OptTensor& index,
-                               at::TensorList weights, at::TensorList biases, c10::List<bool> has_bias,
-                               std::vector<int64_t> acts, std::vector<double> alphas) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::dual_mlp_sqnorm", "").typed<ForwardSig>();
-    auto [y, sq, saved] = op.call(x, v, index, weights, biases, has_bias, acts, alphas);
-    pl_mlp::save_for_backward(ctx, {x, v}, index, weights, biases, has_bias, saved);
-    variable_list out = {y, sq};
-    out.insert(out.end(), saved.begin(), saved.end());
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor& gy = grads[0];
-    const Tensor& gs = grads[1];
-    const int64_t L = ctx->saved_data["L"].toInt();
-    if (!gy.defined() && !gs.defined()) return variable_list(3 + L + ctx->saved_data["nb"].toInt() + 3);
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const Tensor& v = saved[1];
-    const OptTensor index = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-    const std::vector<Tensor> weights(saved.begin() + 3, saved.begin() + 3 + L);
-    const std::vector<Tensor> state(saved.begin() + 3 + L, saved.end());
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("grokalign::dual_mlp_sqnorm_backward", "")
-                               .typed<BackwardSig>();
-    auto [gx, gw, gb] = op.call(gy.defined() ? OptTensor(gy) : std::nullopt,
-                                gs.defined() ? OptTensor(gs) : std::nullopt, x, v, index, weights, state,
-                                ctx->saved_data["has_bias"].toBoolList(), ctx->needs_input_grad(0));
-    return pl_mlp::grads_result(ctx, 2, gx, gw, gb);
-  }
+struct DualMLPNames {
+  static constexpr const char* kForward = "grokalign::dual_mlp_sqnorm";
+  static constexpr const char* kBackward = "grokalign::dual_mlp_sqnorm_backward";
 };
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> dual_mlp_sqnorm_autograd(
-    const Tensor& x, const Tensor& v, const OptTensor& index, at::TensorList weights, at::TensorList biases,
-    c10::List<bool> has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas) {
-  const variable_list out =
-      DualMLPFunction::apply(x, v, index, weights, biases, has_bias, acts.vec(), alphas.vec());
-  return {out[0], out[1], std::vector<Tensor>(out.begin() + 2, out.end())};
-}
 
 }  // namespace
 
@@ -213,7 +165,7 @@ TORCH_LIBRARY_IMPL(grokalign, CompositeExplicitAutograd, m) {
   m.impl("dual_mlp_sqnorm_backward", &dual_mlp_sqnorm_backward_op);
 }
 
-TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("dual_mlp_sqnorm", &dual_mlp_sqnorm_autograd); }
+TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("dual_mlp_sqnorm", &pl_mlp::autograd_kernel<DualMLPNames>); }
 
 }  // namespace dual_mlp
 }  // namespace grokalign

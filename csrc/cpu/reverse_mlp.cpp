@@ -39,12 +39,21 @@ namespace {
 using at::Tensor;
 using pl_mlp::bool_vector;
 using pl_rows::mul_slopes;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-// Saved layout (3L tensors): S_1..S_{L-1} (the stacked [h_l; t_l]), g (= t_0, [K*R, IN]),
-// D_1..D_L ([B, n_l]; empty for identity), delta_1..delta_L ([K*R, n_l]).
+// delta_L = D_L u as [K*R, C] rows (u itself, reshaped, for an identity last layer): probe
+// row (k, r) takes the slopes of primal row index[r].
+Tensor last_delta(const Tensor& u, const Tensor& DL, const OptTensor& index, int64_t K, int64_t R) {
+  Tensor d = u.reshape({K * R, u.size(2)});
+  if (!DL.defined()) return d.contiguous();
+  d = d.clone(at::MemoryFormat::Contiguous);
+  mul_slopes(Tensor(), d, DL, index, K, R);
+  return d;
+}
+
+// Saved layout (3L - 1 tensors): S_1..S_{L-1} (the stacked [h_l; t_l]), g (= t_0, [K*R, IN]),
+// D_1..D_L ([B, n_l]; empty for identity), delta_1..delta_{L-1} ([K*R, n_l]; delta_L is
+// recomputed from u in the backward, so an identity last layer saves no copy of u).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
     const Tensor& x_in, const Tensor& u_in, const OptTensor& index, at::TensorList weights, at::TensorList biases,
     const std::vector<bool>& has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas) {
@@ -74,15 +83,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
   y = h;
   // The VJP chain: delta_L = D_L u, delta_{l-1} = D_{l-1} (delta_l W_l); g = delta_1 W_1.
   // Probe rows (k, r) take the slopes of primal row index[r] (pl_rows::mul_slopes).
-  Tensor d = u_in.reshape({KR, u_in.size(2)});
-  if (D[L - 1].defined()) {
-    d = d.clone(at::MemoryFormat::Contiguous);
-    mul_slopes(Tensor(), d, D[L - 1], index, K, R);
-  }
+  Tensor d = last_delta(u_in, D[L - 1], index, K, R);
   Tensor g;
   for (int64_t l = L - 1; l >= 0; --l) {
-    // Saved for backward, so never a view of the input u (identity last layer).
-    delta[l] = (l == L - 1 && !D[L - 1].defined()) ? d.clone(at::MemoryFormat::Contiguous) : d.contiguous();
+    delta[l] = d;
     g = at::mm(delta[l], weights[l]);
     if (l > 0) {
       mul_slopes(Tensor(), g, D[l - 1], index, K, R);
@@ -99,22 +103,22 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
     t = out;
   }
   std::vector<Tensor> saved;
-  saved.reserve(3 * L);
+  saved.reserve(3 * L - 1);
   for (int64_t l = 0; l + 1 < L; ++l) saved.push_back(S[l]);
   saved.push_back(g);
   for (int64_t l = 0; l < L; ++l) saved.push_back(D[l].defined() ? D[l] : at::empty({0}, x.options()));
-  for (int64_t l = 0; l < L; ++l) saved.push_back(delta[l]);
+  for (int64_t l = 0; l + 1 < L; ++l) saved.push_back(delta[l]);  // delta_L: recomputed from u
   return {y, est, saved};
 }
 
 // Gradients: grad_x ([0] unless need_x), grad_weights (one per weight), grad_biases
 // (one per present bias). Either incoming gradient may be absent.
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backward_impl(
-    const OptTensor& grad_y, const OptTensor& grad_est, const Tensor& x_in, const OptTensor& index,
+    const OptTensor& grad_y, const OptTensor& grad_est, const Tensor& x_in, const Tensor& u, const OptTensor& index,
     at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x) {
   const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L, "grokalign::reverse_mlp_backward: ", "saved must hold the forward's ", 3 * L,
-           " tensors, got ", saved.size());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L - 1, "grokalign::reverse_mlp_backward: saved must hold the forward's ",
+              3 * L - 1, " tensors, got ", saved.size());
   TORCH_CHECK(static_cast<int64_t>(has_bias.size()) == L, "grokalign::reverse_mlp_backward: has_bias needs one entry per weight");
   const Tensor x = x_in.contiguous();
   const int64_t B = x.size(0);
@@ -125,9 +129,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
     const Tensor& d = saved[L + l];
     return d.numel() == 0 && weights[l].size(0) * B != 0 ? Tensor() : d;
   };
-  auto delta = [&](int64_t l) { return saved[2 * L + l]; };
+  Tensor delta_L;  // recomputed from u when the penalty has a gradient
+  auto delta = [&](int64_t l) { return l + 1 < L ? saved[2 * L + l] : delta_L; };
   const int64_t R = index.has_value() ? index->size(0) : B;
   const int64_t K = R > 0 ? KR / R : 1;
+  if (grad_est.has_value() && grad_est->defined()) delta_L = last_delta(u, D(L - 1), index, K, R);
   const bool has_gy = grad_y.has_value() && grad_y->defined();
   const bool has_ge = grad_est.has_value() && grad_est->defined();
   Tensor c;  // [K*R, 1]: (2/K) grad_est[r] for every probe row (k, r)
@@ -201,64 +207,15 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_op(const Tensor& x, 
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backward_op(
-    const OptTensor& grad_y, const OptTensor& grad_est, const Tensor& x, const OptTensor& index,
+    const OptTensor& grad_y, const OptTensor& grad_est, const Tensor& x, const Tensor& u, const OptTensor& index,
     at::TensorList weights, at::TensorList saved, c10::List<bool> has_bias, bool need_x) {
-  return reverse_mlp_backward_impl(grad_y, grad_est, x, index, weights, saved, bool_vector(has_bias), need_x);
+  return reverse_mlp_backward_impl(grad_y, grad_est, x, u, index, weights, saved, bool_vector(has_bias), need_x);
 }
 
-// ---- autograd ----
-
-using ForwardSig = std::tuple<Tensor, Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, const OptTensor&,
-                                                                   at::TensorList, at::TensorList, c10::List<bool>,
-                                                                   at::IntArrayRef, at::ArrayRef<double>);
-using BackwardSig = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
-    const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, at::TensorList, at::TensorList,
-    c10::List<bool>, bool);
-
-struct ReverseMLPFunction : public torch::autograd::Function<ReverseMLPFunction> {
-  // Arguments as entries of the backward's result: x, u, index, weights..., biases..., has_bias, acts, alphas.
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const OptTensor& index,
-                               at::TensorList weights, at::TensorList biases, c10::List<bool> has_bias,
-                               std::vector<int64_t> acts, std::vector<double> alphas) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::reverse_mlp", "").typed<ForwardSig>();
-    auto [y, est, saved] = op.call(x, u, index, weights, biases, has_bias, acts, alphas);
-    pl_mlp::save_for_backward(ctx, {x}, index, weights, biases, has_bias, saved);
-    variable_list out = {y, est};
-    out.insert(out.end(), saved.begin(), saved.end());
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor& gy = grads[0];
-    const Tensor& ge = grads[1];
-    const int64_t L = ctx->saved_data["L"].toInt();
-    if (!gy.defined() && !ge.defined()) return variable_list(3 + L + ctx->saved_data["nb"].toInt() + 3);
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const OptTensor index = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
-    const std::vector<Tensor> weights(saved.begin() + 2, saved.begin() + 2 + L);
-    const std::vector<Tensor> state(saved.begin() + 2 + L, saved.end());
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("grokalign::reverse_mlp_backward", "")
-                               .typed<BackwardSig>();
-    auto [gx, gw, gb] = op.call(gy.defined() ? OptTensor(gy) : std::nullopt,
-                                ge.defined() ? OptTensor(ge) : std::nullopt, x, index, weights, state,
-                                ctx->saved_data["has_bias"].toBoolList(), ctx->needs_input_grad(0));
-    return pl_mlp::grads_result(ctx, 2, gx, gw, gb);
-  }
+struct ReverseMLPNames {
+  static constexpr const char* kForward = "grokalign::reverse_mlp";
+  static constexpr const char* kBackward = "grokalign::reverse_mlp_backward";
 };
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_autograd(const Tensor& x, const Tensor& u,
-                                                                     const OptTensor& index, at::TensorList weights,
-                                                                     at::TensorList biases, c10::List<bool> has_bias,
-                                                                     at::IntArrayRef acts,
-                                                                     at::ArrayRef<double> alphas) {
-  const variable_list out = ReverseMLPFunction::apply(x, u, index, weights, biases, has_bias, acts.vec(),
-                                                      alphas.vec());
-  return {out[0], out[1], std::vector<Tensor>(out.begin() + 2, out.end())};
-}
 
 }  // namespace
 
@@ -267,7 +224,7 @@ TORCH_LIBRARY_IMPL(grokalign, CompositeExplicitAutograd, m) {
   m.impl("reverse_mlp_backward", &reverse_mlp_backward_op);
 }
 
-TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("reverse_mlp", &reverse_mlp_autograd); }
+TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("reverse_mlp", &pl_mlp::autograd_kernel<ReverseMLPNames>); }
 
 }  // namespace reverse_mlp
 }  // namespace grokalign
