@@ -76,7 +76,26 @@ def draw_probes(
         n *= s
     if n < 1:
         raise ValueError(f"probe space must have at least one dimension, got shape {shape}")
-    gen_device = generator.device if generator is not None else torch.device(device)
+    return draw_checked(kind, num_probes, batch, shape, n, dtype=dtype, device=torch.device(device),
+                        generator=generator)
+
+
+def draw_checked(
+    kind: str,
+    num_probes: int,
+    batch: int,
+    shape: tuple,
+    n: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """:func:`draw_probes` without its argument checks, for callers that checked them once
+    (``GrokAlign`` checks its probe settings at construction): ``shape`` a tuple of ints with
+    product ``n >= 1``, ``device`` a ``torch.device``. The same generator state gives the same
+    probes through either function."""
+    gen_device = generator.device if generator is not None else device
     # Draw in at least float32 (and float64 for float64 targets) so low-precision
     # targets get correctly normalised probes.
     draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -38,7 +38,7 @@ from ._validation import (
 from .jacobian import ESTIMATORS, safe_sqrt, sq_norm_estimate
 from .ops.mlp import model as mlp_model
 from .ops.mlp import reverse as mlp_reverse
-from .probes import PROBES, draw_probes, resolve_probes
+from .probes import PROBES, draw_checked, resolve_probes
 
 
 class GrokAlign(nn.Module):
@@ -137,15 +137,29 @@ class GrokAlign(nn.Module):
         gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
         return torch.randperm(batch, generator=self.generator, device=gen_device)[:m].to(device)
 
+    def __getstate__(self):
+        # The path cache (a plan and a runner bound to this model's parameters) is rebuilt on
+        # the next call: pickles and deep copies carry none of it.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_path_cache"] = None
+        return state
+
+    def _set_plain(self, **values) -> None:
+        """Set plain attributes (step, last_norm, last_backend) on the training path without
+        nn.Module.__setattr__'s parameter / buffer / module checks (~5 us per attribute); these
+        names are never parameters, buffers or modules."""
+        self.__dict__.update(values)
+
     def forward(self, x: torch.Tensor):
         if not self._penalty_active():
-            self.last_norm = None
+            self._set_plain(last_norm=None)
             out = self.model(x)
             return out, out.new_zeros(())
         step = self.step
-        self.step += 1
+        self._set_plain(step=step + 1)
         if step % self.every != 0:
-            self.last_norm = None
+            self._set_plain(last_norm=None)
             out = self.model(x)
             return out, out.new_zeros(())
         check_batch_input(x)
@@ -158,7 +172,7 @@ class GrokAlign(nn.Module):
             check_finite(est, "the Jacobian norm of the model at x")
         values = est if self.squared else safe_sqrt(est)
         level = values.mean()
-        self.last_norm = level.detach()
+        self._set_plain(last_norm=level.detach())
         penalty = (level - self.target).abs() if self.target is not None else level
         return out, (self.weight * self.every) * penalty
 
@@ -235,14 +249,21 @@ class GrokAlign(nn.Module):
                 tuple(tree))
 
     def _cached_path(self, x: torch.Tensor):
-        """``(path, plan)``: the path of :meth:`_choose_path` and the MLP plan (None off the MLP paths)."""
+        """``(path, plan, run)``: the path of :meth:`_choose_path`, the MLP plan (None off the MLP
+        paths) and, where one C++ op computes output and estimate (the whole-MLP ops), ``run(x,
+        probes, idx) -> (y, est)`` with the op's layer arguments gathered once; else None."""
         sig = self._path_signature(x)
         if self._path_cache is not None and self._path_cache[0] == sig:
-            return self._path_cache[1], self._path_cache[2]
+            return self._path_cache[1:]
         path = self._choose_path(x)
         steps = mlp_model.plan(self.model)[0] if path in ("cpp", "triton", "reverse_mlp") else None
-        self._path_cache = (sig, path, steps)
-        return path, steps
+        run = None
+        if path == "cpp" and self.estimator == "reverse":
+            run = _whole_mlp_runner(torch.ops.grokalign.reverse_mlp, steps)
+        elif path == "cpp" and mlp_model.whole_mlp_reason(steps, self.model.training, x) is None:
+            run = _whole_mlp_runner(torch.ops.grokalign.dual_mlp_sqnorm, steps)
+        self._path_cache = (sig, path, steps, run)
+        return path, steps, run
 
     def _choose_path(self, x: torch.Tensor) -> str:
         """"cpp" (fused forward-mode MLP ops, or the one-pass output-space op for the reverse
@@ -264,17 +285,21 @@ class GrokAlign(nn.Module):
 
     def _estimate(self, x: torch.Tensor, idx: Optional[torch.Tensor]):
         """``(model(x), est)`` with ``est[r]`` estimating ||J||_F^2 at ``x[idx[r]]`` (all rows if idx is None)."""
-        path, steps = self._cached_path(x)
-        self.last_backend = path
+        path, steps, run = self._cached_path(x)
+        self._set_plain(last_backend=path)
         rows = x.shape[0] if idx is None else idx.shape[0]
         if path == "reverse_mlp" or (path == "cpp" and self.estimator == "reverse"):
             C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
-            U = draw_probes(resolve_probes(self.probes, "reverse"), self.num_probes, rows, (C,), dtype=x.dtype,
-                            device=x.device, generator=self.generator)
-            return mlp_reverse.reverse_forward(steps, x, U, idx, implementation="cpp" if path == "cpp" else "python")
+            U = draw_checked(resolve_probes(self.probes, "reverse"), self.num_probes, rows, (C,), C, dtype=x.dtype,
+                             device=x.device, generator=self.generator)
+            if run is not None:
+                return run(x, U, idx)
+            return mlp_reverse.reverse_forward(steps, x, U, idx, implementation="python")
         if path in ("cpp", "triton"):
-            V = draw_probes(resolve_probes(self.probes, "forward"), self.num_probes, rows, x.shape[1:], dtype=x.dtype,
-                            device=x.device, generator=self.generator)
+            V = draw_checked(resolve_probes(self.probes, "forward"), self.num_probes, rows, tuple(x.shape[1:]),
+                             math.prod(x.shape[1:]), dtype=x.dtype, device=x.device, generator=self.generator)
+            if run is not None:
+                return run(x, V, idx)
             return mlp_model.dual_forward(steps, x, V, index=idx, training=self.model.training,
                                           backend=path, generator=None, checked=True)
         xs = x if idx is None else x.index_select(0, idx)
@@ -286,3 +311,18 @@ class GrokAlign(nn.Module):
         _, est = sq_norm_estimate(self.model, xs, estimator=self.estimator, num_probes=self.num_probes,
                                   probes=self.probes, generator=self.generator, backend="auto", create_graph=True)
         return out, est
+
+
+def _whole_mlp_runner(op, steps):
+    """``run(x, probes, idx) -> (y, est)`` calling a whole-MLP op (``grokalign::dual_mlp_sqnorm`` or
+    ``grokalign::reverse_mlp``) on ``x`` flattened to [B, IN] and probes [K, R, n]; the layer
+    arguments are gathered once here (the path cache rebuilds the runner when a parameter is
+    replaced or changes dtype, device or requires_grad)."""
+    args = mlp_model.whole_mlp_op_args(steps)
+
+    def run(x: torch.Tensor, probes: torch.Tensor, idx: Optional[torch.Tensor]):
+        h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+        y, est, _ = op(h, probes.reshape(probes.shape[0], probes.shape[1], -1), idx, *args)
+        return y, est
+
+    return run

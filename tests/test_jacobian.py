@@ -302,3 +302,17 @@ def test_f_not_callable_and_no_graph_rejected():
 def test_generator_type_checked():
     with pytest.raises(TypeError, match=r"generator must be a torch.Generator"):
         ga.jacobian_norm(_lin, torch.ones(3, 4), generator=0)
+
+
+def test_safe_sqrt_value_and_gradient_including_zero():
+    from grokalign_fast.jacobian import safe_sqrt
+
+    v = torch.tensor([0.0, 0.25, 4.0, 0.0, 1e-300], dtype=torch.float64, requires_grad=True)
+    out = safe_sqrt(v)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.5, 2.0, 0.0, 1e-150], dtype=torch.float64), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(out.sum(), v)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, torch.tensor([0.0, 1.0, 0.25, 0.0, 0.5e150], dtype=torch.float64))
+    pos = torch.tensor([0.3, 2.0, 5.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(safe_sqrt, (pos,))
+    assert safe_sqrt(torch.tensor([4.0], dtype=torch.bfloat16)).dtype == torch.bfloat16

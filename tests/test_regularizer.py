@@ -238,6 +238,12 @@ def test_bad_input_through_module():
     reg = GrokAlign(mlp([3, 4, 2], nn.Tanh), 0.1)  # J depends on x: a nan input gives a nan Jacobian
     with pytest.raises(FloatingPointError, match="not finite"):
         reg(torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\bx\b has an empty batch"):
+        reg(torch.ones(0, 3, dtype=torch.float64))
+    for estimator in ("forward", "reverse"):
+        reg = GrokAlign(nn.Sequential(nn.Flatten(), nn.Linear(0, 2)).double(), 0.1, estimator=estimator)
+        with pytest.raises(ValueError, match=r"\bx\b has no features per sample \(shape \[2, 3, 0\]\)"):
+            reg(torch.ones(2, 3, 0, dtype=torch.float64))
 
 
 PL_ACTS = [nn.ReLU(), nn.LeakyReLU(0.1), nn.Identity()]
@@ -473,3 +479,40 @@ def test_whole_mlp_ops_refuse_an_out_of_range_index(op_name):
     for bad in ([0, 5], [-1, 2]):
         with pytest.raises(RuntimeError, match=r"index\[\d\] = -?\d is out of range for x with B=5 rows"):
             op(x, probes, torch.tensor(bad), w, [], [False, False], [1, 0], [0.0, 0.0])
+
+
+@pytest.mark.parametrize("estimator", ["forward", "reverse"])
+def test_copies_and_replaced_parameters_use_their_own_weights(estimator):
+    """The path cache binds a plan (and, on the C++ paths, the op's layer arguments) to the model's
+    parameters: a deep copy or a pickled module must run on its own weights, and a replaced
+    parameter must be picked up."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    reg = GrokAlign(model, 0.5, estimator=estimator, squared=True, generator=_gen(1))
+    reg(x)
+    buf = io.BytesIO()
+    torch.save(reg, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(reg), torch.load(buf, weights_only=False)):
+        with torch.no_grad():
+            other.model[0].weight.mul_(3.0)
+        other.generator = _gen(5)
+        reg.generator = _gen(5)
+        model.zero_grad()
+        out, pen = other(x)
+        (out.sum() + pen).backward()
+        assert all(p.grad is None for p in model.parameters())
+        assert all(p.grad is not None for p in other.model.parameters())
+        torch.testing.assert_close(out, other.model(x), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(out, model(x))
+    new_w = nn.Parameter(model[2].weight.detach() * 2)
+    model[2].weight = new_w
+    reg.generator = _gen(7)
+    out, pen = reg(x)
+    pen.backward()
+    assert new_w.grad is not None
+    torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
