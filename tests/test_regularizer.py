@@ -516,3 +516,21 @@ def test_copies_and_replaced_parameters_use_their_own_weights(estimator):
     pen.backward()
     assert new_w.grad is not None
     torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("op_name", ["dual_mlp_sqnorm", "reverse_mlp"])
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1)], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_whole_mlp_ops_primal_is_torchs_on_nonfinite_values(op_name, act, dtype):
+    """The fused activation keeps torch's semantics: relu(-inf) = 0, relu(nan) = nan, leaky_relu(-inf) = -inf."""
+    model = nn.Sequential(nn.Linear(3, 3), act, nn.Linear(3, 2, bias=False)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3))
+        model[0].bias.zero_()
+    steps, _ = mlp_model.plan(model)
+    x = torch.tensor([[-math.inf, 1.0, -2.0], [math.nan, 0.5, 3.0], [math.inf, -1.0, 0.0]], dtype=dtype)
+    probes = torch.randn(1, 3, 3 if op_name == "dual_mlp_sqnorm" else 2, dtype=dtype)
+    y, _, _ = getattr(torch.ops.grokalign, op_name)(x, probes, None, *mlp_model.whole_mlp_op_args(steps))
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x), equal_nan=True)
