@@ -167,11 +167,11 @@ class GrokAlign(nn.Module):
             self.estimator = self._auto_estimator(x)
         idx = self._subsample_index(x.shape[0], x.device)
         out, est = self._estimate(x, idx)
-        # One reduction and one host read; the per-sample check runs only when the sum is not finite.
-        if self.check_finite_values and not math.isfinite(float(est.detach().sum())):
+        level = (est if self.squared else safe_sqrt(est)).mean()
+        # A nan or inf estimate makes the mean non-finite (safe_sqrt keeps nan), so one host read
+        # of the level serves as the check; the per-sample check runs only when it fails.
+        if self.check_finite_values and not math.isfinite(float(level.detach())):
             check_finite(est, "the Jacobian norm of the model at x")
-        values = est if self.squared else safe_sqrt(est)
-        level = values.mean()
         self._set_plain(last_norm=level.detach())
         penalty = (level - self.target).abs() if self.target is not None else level
         return out, (self.weight * self.every) * penalty

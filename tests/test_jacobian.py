@@ -316,3 +316,6 @@ def test_safe_sqrt_value_and_gradient_including_zero():
     pos = torch.tensor([0.3, 2.0, 5.0], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(safe_sqrt, (pos,))
     assert safe_sqrt(torch.tensor([4.0], dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # nan (and a negative value, which no squared norm is) is not hidden behind a 0
+    assert torch.isnan(safe_sqrt(torch.tensor([float("nan"), -1.0, 1.0]))[:2]).all()
+    assert torch.isinf(safe_sqrt(torch.tensor([float("inf")]))).all()

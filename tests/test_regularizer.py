@@ -238,6 +238,15 @@ def test_bad_input_through_module():
     reg = GrokAlign(mlp([3, 4, 2], nn.Tanh), 0.1)  # J depends on x: a nan input gives a nan Jacobian
     with pytest.raises(FloatingPointError, match="not finite"):
         reg(torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64))
+    for squared in (False, True):  # an overflowing Jacobian is caught on every path, sqrt or not
+        for estimator in ("forward", "reverse"):
+            big = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+            with torch.no_grad():
+                big[0].weight.fill_(1e30)
+                big[2].weight.fill_(1e30)
+            reg = GrokAlign(big, 0.1, estimator=estimator, squared=squared)
+            with pytest.raises(FloatingPointError, match="not finite"):
+                reg(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"\bx\b has an empty batch"):
         reg(torch.ones(0, 3, dtype=torch.float64))
     for estimator in ("forward", "reverse"):
