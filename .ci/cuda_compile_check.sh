@@ -149,9 +149,28 @@ def read(path):
 
 
 name = r'"(?:grokalign::)?([A-Za-z_][A-Za-z0-9_.]*)'
+impl = r"\.impl\(\s*" + name
 declared = re.findall(r"\.def\(\s*" + name + r"\(", read("csrc/grokalign.cpp"))
-cpu = sorted({n for f in glob.glob("csrc/cpu/*.cpp") for n in re.findall(r"\.impl\(\s*" + name, read(f))})
-cuda = sorted({n for f in glob.glob("csrc/cuda/*.cu") for n in re.findall(r"\.impl\(\s*" + name, read(f))})
+# Registration helpers in the shared headers, e.g. dual_linear::register_ops, which the CPU and
+# CUDA files call inside their TORCH_LIBRARY_IMPL blocks: helper name -> the ops it registers.
+helpers = {}
+for f in glob.glob("csrc/common/*.h"):
+    for m in re.finditer(r"void\s+(\w+)\s*\(\s*torch::Library&\s*\w+\s*\)\s*\{(.*?)\n\}", read(f), re.S):
+        helpers[m.group(1)] = re.findall(impl, m.group(2))
+
+
+def implemented(path):
+    text = read(path)
+    ops = set(re.findall(impl, text))
+    for helper, names in helpers.items():
+        if re.search(r"\b" + helper + r"\s*[<(]", text):
+            ops.update(names)
+    return ops
+
+
+cpu = sorted({n for f in glob.glob("csrc/cpu/*.cpp") for n in implemented(f)})
+cuda = sorted({n for f in glob.glob("csrc/cuda/*.cu") for n in implemented(f)})
+print(f"  registration helpers in csrc/common: {helpers or 'none'}")
 if not declared:
     sys.exit("  no op schema found in csrc/grokalign.cpp")
 errors = []
