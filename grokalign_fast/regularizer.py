@@ -166,8 +166,8 @@ class GrokAlign(nn.Module):
         if self.requested_estimator == "auto":
             self.estimator = self._auto_estimator(x)
         idx = self._subsample_index(x.shape[0], x.device)
-        out, est = self._estimate(x, idx)
-        level = (est if self.squared else safe_sqrt(est)).mean()
+        out, est, rooted = self._estimate(x, idx)
+        level = (est if self.squared or rooted else safe_sqrt(est)).mean()
         # A nan or inf estimate makes the mean non-finite (safe_sqrt keeps nan), so one host read
         # of the level serves as the check; the per-sample check runs only when it fails.
         if self.check_finite_values and not math.isfinite(float(level.detach())):
@@ -284,7 +284,9 @@ class GrokAlign(nn.Module):
         return self.backend
 
     def _estimate(self, x: torch.Tensor, idx: Optional[torch.Tensor]):
-        """``(model(x), est)`` with ``est[r]`` estimating ||J||_F^2 at ``x[idx[r]]`` (all rows if idx is None)."""
+        """``(model(x), est, rooted)`` with ``est[r]`` estimating ||J||_F^2 at ``x[idx[r]]`` (all rows if idx
+        is None), or with ``rooted`` its square root, which the whole-MLP ops take in the same pass
+        when the penalty is on the norm (``squared=False``)."""
         path, steps, run = self._cached_path(x)
         self._set_plain(last_backend=path)
         rows = x.shape[0] if idx is None else idx.shape[0]
@@ -293,36 +295,38 @@ class GrokAlign(nn.Module):
             U = draw_checked(resolve_probes(self.probes, "reverse"), self.num_probes, rows, (C,), C, dtype=x.dtype,
                              device=x.device, generator=self.generator)
             if run is not None:
-                return run(x, U, idx)
-            return mlp_reverse.reverse_forward(steps, x, U, idx, implementation="python")
+                return run(x, U, idx, not self.squared) + (not self.squared,)
+            return mlp_reverse.reverse_forward(steps, x, U, idx, implementation="python") + (False,)
         if path in ("cpp", "triton"):
             V = draw_checked(resolve_probes(self.probes, "forward"), self.num_probes, rows, tuple(x.shape[1:]),
                              math.prod(x.shape[1:]), dtype=x.dtype, device=x.device, generator=self.generator)
             if run is not None:
-                return run(x, V, idx)
+                return run(x, V, idx, not self.squared) + (not self.squared,)
             return mlp_model.dual_forward(steps, x, V, index=idx, training=self.model.training,
-                                          backend=path, generator=None, checked=True)
+                                          backend=path, generator=None, checked=True) + (False,)
         xs = x if idx is None else x.index_select(0, idx)
         if idx is None:
             return sq_norm_estimate(self.model, x, estimator=self.estimator, num_probes=self.num_probes,
-                                    probes=self.probes, generator=self.generator, backend="auto", create_graph=True)
+                                    probes=self.probes, generator=self.generator, backend="auto",
+                                    create_graph=True) + (False,)
         # Output on the whole batch; penalty on the random subset (an extra, smaller forward).
         out = self.model(x)
         _, est = sq_norm_estimate(self.model, xs, estimator=self.estimator, num_probes=self.num_probes,
                                   probes=self.probes, generator=self.generator, backend="auto", create_graph=True)
-        return out, est
+        return out, est, False
 
 
 def _whole_mlp_runner(op, steps):
-    """``run(x, probes, idx) -> (y, est)`` calling a whole-MLP op (``grokalign::dual_mlp_sqnorm`` or
-    ``grokalign::reverse_mlp``) on ``x`` flattened to [B, IN] and probes [K, R, n]; the layer
+    """``run(x, probes, idx, root) -> (y, est)`` calling a whole-MLP op (``grokalign::dual_mlp_sqnorm``
+    or ``grokalign::reverse_mlp``) on ``x`` flattened to [B, IN] and probes [K, R, n]; with ``root``
+    the op returns the per-row square root of the estimate (value and gradient 0 at 0). The layer
     arguments are gathered once here (the path cache rebuilds the runner when a parameter is
     replaced or changes dtype, device or requires_grad)."""
     args = mlp_model.whole_mlp_op_args(steps)
 
-    def run(x: torch.Tensor, probes: torch.Tensor, idx: Optional[torch.Tensor]):
+    def run(x: torch.Tensor, probes: torch.Tensor, idx: Optional[torch.Tensor], root: bool = False):
         h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
-        y, est, _ = op(h, probes.reshape(probes.shape[0], probes.shape[1], -1), idx, *args)
+        y, est, _ = op(h, probes.reshape(probes.shape[0], probes.shape[1], -1), idx, *args, root)
         return y, est
 
     return run

@@ -453,7 +453,8 @@ def test_whole_mlp_op_opcheck_compile_and_limits():
 @pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
 @pytest.mark.parametrize("op_name", ["dual_mlp_sqnorm", "reverse_mlp"])
 @pytest.mark.parametrize("act", PL_ACTS, ids=repr)
-def test_whole_mlp_ops_aten_fallback_equals_cpu_loops(op_name, act):
+@pytest.mark.parametrize("root", [False, True])
+def test_whole_mlp_ops_aten_fallback_equals_cpu_loops(op_name, act, root):
     """The whole-MLP ops run their elementwise passes as CPU loops for float / double
     (csrc/common/pl_rows.h) and as ATen ops elsewhere (other devices, other dtypes). bfloat16 on
     the CPU takes the ATen path: from the same bfloat16 values, its outputs and gradients match
@@ -470,7 +471,7 @@ def test_whole_mlp_ops_aten_fallback_equals_cpu_loops(op_name, act):
     for dtype in (torch.bfloat16, torch.float64):
         leaves = [t.detach().to(torch.bfloat16).to(dtype).requires_grad_(True) for t in [x] + weights + biases]
         xs, ws, bs = leaves[0], leaves[1:1 + len(weights)], leaves[1 + len(weights):]
-        y, est, _ = op(xs, probes.to(torch.bfloat16).to(dtype), idx, ws, bs, has_bias, acts, alphas)
+        y, est, _ = op(xs, probes.to(torch.bfloat16).to(dtype), idx, ws, bs, has_bias, acts, alphas, root)
         loss = y.sum() + est.sum()
         got[dtype] = [y, est] + list(torch.autograd.grad(loss, leaves))
     for a, b in zip(got[torch.bfloat16], got[torch.float64]):
@@ -543,3 +544,35 @@ def test_whole_mlp_ops_primal_is_torchs_on_nonfinite_values(op_name, act, dtype)
     y, _, _ = getattr(torch.ops.grokalign, op_name)(x, probes, None, *mlp_model.whole_mlp_op_args(steps))
     with torch.no_grad():
         torch.testing.assert_close(y, model(x), equal_nan=True)
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("op_name", ["dual_mlp_sqnorm", "reverse_mlp"])
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1)], ids=repr)
+def test_whole_mlp_ops_root_equals_safe_sqrt_of_the_estimate(op_name, act):
+    """root=True returns sqrt(est) with the gradient of grokalign_fast.jacobian.safe_sqrt (0 at a zero
+    estimate), in one pass: values and every gradient equal safe_sqrt(op(root=False)), float64,
+    with a repeated index row and a zero probe (est = 0 on that row)."""
+    from grokalign_fast.jacobian import safe_sqrt
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(9, 8), act, nn.Linear(8, 6, bias=False), act, nn.Linear(6, 3)).double()
+    steps, _ = mlp_model.plan(model)
+    weights, biases, has_bias, acts, alphas = mlp_model.whole_mlp_op_args(steps)
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([4, 0, 4, 2])
+    probes = torch.randn(2, 4, 9 if op_name == "dual_mlp_sqnorm" else 3, dtype=torch.float64)
+    probes[:, 1] = 0.0
+    op = getattr(torch.ops.grokalign, op_name)
+    params = [x] + weights + biases
+    got = {}
+    for root in (True, False):
+        y, est, _ = op(x, probes, idx, weights, biases, has_bias, acts, alphas, root)
+        norm = est if root else safe_sqrt(est)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + (norm * torch.arange(1.0, 5.0,
+                                                                                                              dtype=y.dtype)).sum()
+        got[root] = [y, norm] + list(torch.autograd.grad(loss, params))
+    assert got[True][1][1] == 0 and all(torch.isfinite(g).all() for g in got[True][2:])
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    torch.library.opcheck(op.default, (x.detach(), probes, idx, weights, biases, has_bias, acts, alphas, True))

@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "common/dual_linear.h"
@@ -168,10 +169,13 @@ inline void mul_slopes(const Tensor& primal, const Tensor& tangent, const Tensor
   });
 }
 
-// sq[r] = (1/K) sum_k ||t[k*R + r]||^2 for tangent rows t [K*R, n]; returns [R].
-inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R) {
-  if (!loop_ok(t) || t.numel() == 0)
-    return t.reshape({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
+// sq[r] = (1/K) sum_k ||t[k*R + r]||^2 for tangent rows t [K*R, n]; returns [R], or sqrt(sq)
+// with root (the penalty on the norm rather than its square; sqrt(0) = 0, nan stays nan).
+inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = false) {
+  if (!loop_ok(t) || t.numel() == 0) {
+    Tensor sq = t.reshape({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
+    return root ? sq.sqrt_() : sq;
+  }
   const int64_t n = t.size(1), ld = t.stride(0);
   Tensor sq = at::empty({R}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_pl_probe_sqnorm", [&] {
@@ -188,11 +192,23 @@ inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R) {
             for (int q = 0; q < 4; ++q) acc[q] += static_cast<acc_t>(row[j + q]) * static_cast<acc_t>(row[j + q]);
           for (; j < n; ++j) acc[0] += static_cast<acc_t>(row[j]) * static_cast<acc_t>(row[j]);
         }
-        out[r] = static_cast<scalar_t>(((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<acc_t>(K));
+        const acc_t v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<acc_t>(K);
+        out[r] = static_cast<scalar_t>(root ? std::sqrt(v) : v);
       }
     });
   });
   return sq;
+}
+
+// The per-row factor c[r] of the penalty's backward seed, d loss / d t[k*R + r] = c[r] t[k*R + r]:
+// (2/K) grad[r] for the squared estimate; with root, d sqrt(sq) / d sq = 1 / (2 sqrt(sq)) makes
+// it grad[r] / (K e[r]), e = sqrt(sq) recomputed from the rows t, and 0 where e[r] = 0 (the
+// gradient of the norm at a zero Jacobian, as grokalign_fast.jacobian.safe_sqrt has it).
+inline Tensor seed_factor(const Tensor& grad, const Tensor& t, int64_t K, int64_t R, bool root) {
+  if (!root) return grad.mul(2.0 / static_cast<double>(K));
+  const Tensor e = probe_sqnorm(t, K, R, /*root=*/true);
+  const Tensor nonzero = e.ne(0);
+  return at::where(nonzero, grad / (e * static_cast<double>(K)), at::zeros({}, grad.options()));
 }
 
 }  // namespace pl_rows
