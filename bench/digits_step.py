@@ -8,8 +8,9 @@ interleaved in one process, one step each in a fresh random order each round; me
 demo's own setting (every=4) against plain steps in steady state: blocks of 20 steps each.
 """
 import argparse
-import random
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 
 from grokalign_fast import GrokAlign
 from grokalign_fast.experiments import common
+
+sys.path.insert(0, os.path.dirname(__file__))
+from providers import time_interleaved  # noqa: E402
 
 VARIANTS = {  # name -> GrokAlign kwargs (None: plain step)
     "plain": None,
@@ -70,24 +74,12 @@ def main():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 64, generator=g), torch.randn(200, 10, generator=g)
     steps = {name: make_step(kw, x, y) for name, kw in VARIANTS.items()}
-    for step in steps.values():
-        for _ in range(20):
-            step()
-    times = {name: [] for name in steps}
-    names = list(steps)
-    rng = random.Random(0)
-    for _ in range(args.rounds):
-        rng.shuffle(names)
-        for name in names:
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
-    plain = statistics.median(times["plain"])
+    med = time_interleaved(steps, args.rounds, warmup=20)
+    plain = med["plain"]
     print(f"Command: `python bench/digits_step.py --rounds {args.rounds}` (torch {torch.__version__}, 1 thread)\n")
     print("| variant | median ms | x plain |\n|---|---:|---:|")
     for name in VARIANTS:
-        med = statistics.median(times[name])
-        print(f"| {name} | {med * 1e3:.3f} | {med / plain:.2f} |")
+        print(f"| {name} | {med[name] * 1e3:.3f} | {med[name] / plain:.2f} |")
     steady = steady_state(x, y, max(10, args.rounds // 6))
     print(f"\nSteady state, blocks of 20 steps: plain {steady['plain'] * 1e3:.3f} ms per step, make demo's setting "
           f"(reverse, cpp, subsample 0.25, every 4) {steady['demo'] * 1e3:.3f} ms per step: "

@@ -10,16 +10,13 @@ ratio to the plain step's median, and the bytes saved for backward in one step.
 import argparse
 import os
 import platform
-import random
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from check import check_fused_matches_reference  # noqa: E402
-from providers import make_batch, make_model, make_step, providers, saved_bytes  # noqa: E402
+from providers import make_batch, make_model, make_step, providers, saved_bytes, time_interleaved  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 
@@ -38,19 +35,7 @@ def run_shape(shape, rounds, warmup=3, only=None):
                                           rtol=1e-10 if shape.dtype == torch.float64 else 1e-4)
     steps = {name: make_step(*v, y) for name, v in table.items()}
     mem = {name: saved_bytes(step) for name, step in steps.items()}
-    for _ in range(1 if shape.name == "4096x4" else warmup):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    rng = random.Random(0)
-    names = list(steps)
-    for _ in range(rounds):
-        rng.shuffle(names)
-        for name in names:
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(v) for name, v in times.items()}
+    med = time_interleaved(steps, rounds, warmup=1 if shape.name == "4096x4" else warmup)
     return [(name, med[name] * 1e3, med[name] / med["plain"], mem[name] / 2**20) for name in steps]
 
 

@@ -7,6 +7,9 @@ penalty, backward, AdamW) of its own copy of the model, and
 from __future__ import annotations
 
 import copy
+import random
+import statistics
+import time
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -143,3 +146,22 @@ def saved_bytes(step: Callable[[], None]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return total[0]
+
+
+def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int = 3) -> Dict[str, float]:
+    """Median seconds per call of each step: ``warmup`` calls each first, then ``rounds`` rounds
+    that call every step once, in a fresh random order (seeded) each round, so that slow drifts of
+    a shared machine hit all steps alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    rng = random.Random(0)
+    names = list(steps)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
