@@ -20,7 +20,7 @@ from grokalign_fast import GrokAlign
 from grokalign_fast.experiments import common
 
 sys.path.insert(0, os.path.dirname(__file__))
-from providers import time_interleaved  # noqa: E402
+from providers import ratio_table, time_interleaved  # noqa: E402
 
 VARIANTS = {  # name -> GrokAlign kwargs (None: plain step)
     "plain": None,
@@ -75,11 +75,8 @@ def main():
     x, y = torch.randn(200, 64, generator=g), torch.randn(200, 10, generator=g)
     steps = {name: make_step(kw, x, y) for name, kw in VARIANTS.items()}
     med = time_interleaved(steps, args.rounds, warmup=20)
-    plain = med["plain"]
     print(f"Command: `python bench/digits_step.py --rounds {args.rounds}` (torch {torch.__version__}, 1 thread)\n")
-    print("| variant | median ms | x plain |\n|---|---:|---:|")
-    for name in VARIANTS:
-        print(f"| {name} | {med[name] * 1e3:.3f} | {med[name] / plain:.2f} |")
+    print(ratio_table(med, VARIANTS, digits=3))
     steady = steady_state(x, y, max(10, args.rounds // 6))
     print(f"\nSteady state, blocks of 20 steps: plain {steady['plain'] * 1e3:.3f} ms per step, make demo's setting "
           f"(reverse, cpp, subsample 0.25, every 4) {steady['demo'] * 1e3:.3f} ms per step: "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from providers import LAMBDA, make_batch, make_model, make_step, providers, time_interleaved  # noqa: E402
+from providers import LAMBDA, make_batch, make_model, make_step, providers, ratio_table, time_interleaved  # noqa: E402
 
 from grokalign_fast import _backends  # noqa: E402
 from grokalign_fast.ops.mlp import model as mlp_model  # noqa: E402
@@ -80,12 +80,8 @@ def main():
     steps["op only"] = op_step(model, x, y, rows, draws=False)
     steps["op + draws"] = op_step(model, x, y, rows, draws=True)
     med = time_interleaved(steps, args.rounds, warmup=5)
-    plain = med["plain"]
     print(f"{args.sizes} batch {args.batch} {args.dtype}, {args.threads} threads, {args.rounds} interleaved rounds")
-    print("| step | median ms | x plain |\n|---|---:|---:|")
-    for name in steps:
-        print(f"| {name} | {med[name] * 1e3:.2f} | {med[name] / plain:.2f} |")
-
+    print(ratio_table(med, steps, header="step"))
 
 if __name__ == "__main__":
     main()

@@ -165,3 +165,11 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: 
             steps[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def ratio_table(med: Dict[str, float], names, header: str = "variant", digits: int = 2) -> str:
+    """Markdown rows ``| name | median ms | x plain |`` for ``names``, from :func:`time_interleaved`'s medians."""
+    plain = med["plain"]
+    rows = [f"| {header} | median ms | x plain |", "|---|---:|---:|"]
+    rows += [f"| {name} | {med[name] * 1e3:.{digits}f} | {med[name] / plain:.2f} |" for name in names]
+    return "\n".join(rows)

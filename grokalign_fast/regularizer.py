@@ -166,12 +166,12 @@ class GrokAlign(nn.Module):
         if self.requested_estimator == "auto":
             self.estimator = self._auto_estimator(x)
         idx = self._subsample_index(x.shape[0], x.device)
-        out, est, rooted = self._estimate(x, idx)
-        level = (est if self.squared or rooted else safe_sqrt(est)).mean()
+        out, values = self._estimate(x, idx)
+        level = values.mean()
         # A nan or inf estimate makes the mean non-finite (safe_sqrt keeps nan), so one host read
         # of the level serves as the check; the per-sample check runs only when it fails.
         if self.check_finite_values and not math.isfinite(float(level.detach())):
-            check_finite(est, "the Jacobian norm of the model at x")
+            check_finite(values, "the Jacobian norm of the model at x")
         self._set_plain(last_norm=level.detach())
         penalty = (level - self.target).abs() if self.target is not None else level
         return out, (self.weight * self.every) * penalty
@@ -254,8 +254,9 @@ class GrokAlign(nn.Module):
 
     def _cached_path(self, x: torch.Tensor):
         """``(path, plan, run)``: the path of :meth:`_choose_path`, the MLP plan (None off the MLP
-        paths) and, where one C++ op computes output and estimate (the whole-MLP ops), ``run(x,
-        probes, idx) -> (y, est)`` with the op's layer arguments gathered once; else None."""
+        paths) and, where one C++ op computes output and estimate, its
+        :func:`~grokalign_fast.ops.mlp.model.whole_mlp_runner` (layer arguments gathered once per
+        signature); else None."""
         sig = self._path_signature(x)
         if self._path_cache is not None and self._path_cache[0] == sig:
             return self._path_cache[1:]
@@ -263,9 +264,9 @@ class GrokAlign(nn.Module):
         steps = mlp_model.plan(self.model)[0] if path in ("cpp", "triton", "reverse_mlp") else None
         run = None
         if path == "cpp" and self.estimator == "reverse":
-            run = _whole_mlp_runner(torch.ops.grokalign.reverse_mlp, steps)
+            run = mlp_model.whole_mlp_runner("reverse_mlp", steps)
         elif path == "cpp" and mlp_model.whole_mlp_reason(steps, self.model.training, x) is None:
-            run = _whole_mlp_runner(torch.ops.grokalign.dual_mlp_sqnorm, steps)
+            run = mlp_model.whole_mlp_runner("dual_mlp_sqnorm", steps)
         self._path_cache = (sig, path, steps, run)
         return path, steps, run
 
@@ -288,9 +289,11 @@ class GrokAlign(nn.Module):
         return self.backend
 
     def _estimate(self, x: torch.Tensor, idx: Optional[torch.Tensor]):
-        """``(model(x), est, rooted)`` with ``est[r]`` estimating ||J||_F^2 at ``x[idx[r]]`` (all rows if idx
-        is None), or with ``rooted`` its square root, which the whole-MLP ops take in the same pass
-        when the penalty is on the norm (``squared=False``)."""
+        """``(model(x), values)``: ``values[r]`` estimates ||J||_F^2 at ``x[idx[r]]`` (all rows if idx is
+        None) with ``squared=True``, and is its safe square root otherwise, which the whole-MLP ops
+        take in the same pass (``root=True``)."""
+        root = not self.squared
+        finish = safe_sqrt if root else (lambda est: est)
         path, steps, run = self._cached_path(x)
         self._set_plain(last_backend=path)
         rows = x.shape[0] if idx is None else idx.shape[0]
@@ -299,38 +302,26 @@ class GrokAlign(nn.Module):
             U = draw_checked(resolve_probes(self.probes, "reverse"), self.num_probes, rows, (C,), C, dtype=x.dtype,
                              device=x.device, generator=self.generator)
             if run is not None:
-                return run(x, U, idx, not self.squared) + (not self.squared,)
-            return mlp_reverse.reverse_forward(steps, x, U, idx, implementation="python") + (False,)
+                return run(x, U, idx, root)
+            out, est = mlp_reverse.reverse_forward(steps, x, U, idx, implementation="python")
+            return out, finish(est)
         if path in ("cpp", "triton"):
             V = draw_checked(resolve_probes(self.probes, "forward"), self.num_probes, rows, tuple(x.shape[1:]),
                              math.prod(x.shape[1:]), dtype=x.dtype, device=x.device, generator=self.generator)
             if run is not None:
-                return run(x, V, idx, not self.squared) + (not self.squared,)
-            return mlp_model.dual_forward(steps, x, V, index=idx, training=self.model.training,
-                                          backend=path, generator=None, checked=True) + (False,)
+                return run(x, V, idx, root)
+            out, est = mlp_model.dual_forward(steps, x, V, index=idx, training=self.model.training,
+                                              backend=path, generator=None, checked=True)
+            return out, finish(est)
         xs = x if idx is None else x.index_select(0, idx)
         if idx is None:
-            return sq_norm_estimate(self.model, x, estimator=self.estimator, num_probes=self.num_probes,
-                                    probes=self.probes, generator=self.generator, backend="auto",
-                                    create_graph=True) + (False,)
+            out, est = sq_norm_estimate(self.model, x, estimator=self.estimator, num_probes=self.num_probes,
+                                        probes=self.probes, generator=self.generator, backend="auto",
+                                        create_graph=True)
+            return out, finish(est)
         # Output on the whole batch; penalty on the random subset (an extra, smaller forward).
         out = self.model(x)
         _, est = sq_norm_estimate(self.model, xs, estimator=self.estimator, num_probes=self.num_probes,
                                   probes=self.probes, generator=self.generator, backend="auto", create_graph=True)
-        return out, est, False
+        return out, finish(est)
 
-
-def _whole_mlp_runner(op, steps):
-    """``run(x, probes, idx, root) -> (y, est)`` calling a whole-MLP op (``grokalign::dual_mlp_sqnorm``
-    or ``grokalign::reverse_mlp``) on ``x`` flattened to [B, IN] and probes [K, R, n]; with ``root``
-    the op returns the per-row square root of the estimate (value and gradient 0 at 0). The layer
-    arguments are gathered once here (the path cache rebuilds the runner when a parameter is
-    replaced or changes dtype, device or requires_grad)."""
-    args = mlp_model.whole_mlp_op_args(steps)
-
-    def run(x: torch.Tensor, probes: torch.Tensor, idx: Optional[torch.Tensor], root: bool = False):
-        h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
-        y, est, _ = op(h, probes.reshape(probes.shape[0], probes.shape[1], -1), idx, *args, root)
-        return y, est
-
-    return run

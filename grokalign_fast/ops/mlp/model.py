@@ -160,9 +160,22 @@ def whole_mlp_op_args(steps: List[Step]):
     return weights, biases, has_bias, acts, alphas
 
 
-def _dual_mlp_cpp(steps: List[Step], h: torch.Tensor, V: torch.Tensor, index: Optional[torch.Tensor]):
-    y, sq, _ = torch.ops.grokalign.dual_mlp_sqnorm(h, V, index, *whole_mlp_op_args(steps))
-    return y, sq
+def whole_mlp_runner(op_name: str, steps: List[Step]):
+    """``run(x, probes, index=None, root=False) -> (y, est)`` calling the whole-MLP op
+    ``torch.ops.grokalign.<op_name>`` (``"dual_mlp_sqnorm"`` or ``"reverse_mlp"``) on ``x``
+    flattened to [B, IN] and probes [K, R, ...] flattened to [K, R, n]. With ``root`` the op
+    returns the per-row square root of the estimate (value and gradient 0 at 0). The layer
+    arguments are gathered here, once: a caller that keeps the runner (``GrokAlign``'s path
+    cache) must rebuild it when a parameter is replaced."""
+    op = getattr(torch.ops.grokalign, op_name)
+    args = whole_mlp_op_args(steps)
+
+    def run(x: torch.Tensor, probes: torch.Tensor, index: Optional[torch.Tensor] = None, root: bool = False):
+        h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+        y, est, _ = op(h, probes.reshape(probes.shape[0], probes.shape[1], -1), index, *args, root)
+        return y, est
+
+    return run
 
 
 def dual_forward(
@@ -191,7 +204,7 @@ def dual_forward(
     t = V.reshape(K, R, -1)
     last = max(i for i, s in enumerate(steps) if isinstance(s, LinearStep))
     if checked and backend == "cpp" and whole_mlp_reason(steps, training, x) is None:
-        return _dual_mlp_cpp(steps, h, t.reshape(K, R, -1), index)
+        return whole_mlp_runner("dual_mlp_sqnorm", steps)(h, t, index)
     sq = None
     if checked:
         if backend not in function.ORDER:

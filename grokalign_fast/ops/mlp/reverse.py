@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..._backends import extension_ops_reason
-from .model import DropoutStep, FlattenStep, LinearStep, Step, whole_mlp_op_args
+from .model import DropoutStep, FlattenStep, LinearStep, Step, whole_mlp_runner
 
 REVERSE_ACTIVATIONS = ("identity", "relu", "leaky_relu")
 
@@ -163,8 +163,7 @@ def reverse_forward(
     linear = [s for s in steps if isinstance(s, LinearStep)]
     assert all(isinstance(s, (LinearStep, FlattenStep, DropoutStep)) for s in steps)
     if implementation == "cpp":
-        y, est, _ = torch.ops.grokalign.reverse_mlp(h, U, index, *whole_mlp_op_args(steps))
-        return y, est
+        return whole_mlp_runner("reverse_mlp", steps)(h, U, index)
     if implementation != "python":
         raise ValueError(f'implementation must be "cpp" or "python", got {implementation!r}')
     acts = tuple((s.act, s.alpha) for s in linear)
