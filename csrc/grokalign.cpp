@@ -11,6 +11,11 @@ TORCH_LIBRARY(grokalign, m) {
   // Backward of probe_sqnorm: grad_g[p,b,n] = (2/P) * g[p,b,n] * grad_out[b]
   m.def("probe_sqnorm_backward(Tensor g, Tensor grad_out) -> Tensor");
 
+  // Fills out (floating point, contiguous, CPU) with independent random signs +-1 from a CPU
+  // generator (None: the default one): the signs grokalign_fast.probes draws for "rademacher"
+  // probes from the same generator state (csrc/cpu/probes_cpu.cpp).
+  m.def("rademacher_(Tensor(a!) out, Generator? generator=None) -> ()");
+
   // Dual-stream Linear(+bias) + activation: the primal batch and K forward-mode
   // tangent streams through y = s(x W^T + b) (grokalign_fast/ops/mlp/reference.py).
   //   x [B, IN], t [K, R, IN], weight [OUT, IN], bias [OUT]?, index [R] long?

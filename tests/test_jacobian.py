@@ -144,6 +144,57 @@ def test_rademacher_probes_are_signs_with_identity_covariance():
     assert (cov - torch.eye(21, dtype=torch.float64)).abs().max() < 5 / flat.shape[0] ** 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_rademacher_op_draws_the_reference_signs(dtype):
+    """grokalign::rademacher_ == probes.rademacher_reference (the ATen path) from the same generator
+    state, leaving the generator in the same state: odd sizes, partial last words, empty draws."""
+    pytest.importorskip("grokalign_fast._C", reason="C++ extension not built")
+    if ga._backends.extension_ops_reason(("rademacher_",)) is not None:
+        pytest.skip("the extension was built without rademacher_")
+    from grokalign_fast.probes import rademacher_reference
+
+    for seed, total in enumerate([0, 1, 7, 31, 32, 33, 95, 784 * 3 + 5, 4096 * 32 + 17]):
+        g = torch.Generator().manual_seed(seed)
+        want = rademacher_reference(total, torch.float32, torch.device("cpu"), g).to(dtype)
+        state = g.get_state()
+        g.manual_seed(seed)
+        got = torch.empty(total, dtype=dtype)
+        torch.ops.grokalign.rademacher_(got, g)
+        assert torch.equal(got, want), (total, dtype)
+        assert torch.equal(g.get_state(), state)
+    # generator=None draws from (and advances) the default CPU generator, as torch.randint does.
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        want = rademacher_reference(100, torch.float32, torch.device("cpu"), None).to(dtype)
+        torch.manual_seed(3)
+        got = torch.empty(100, dtype=dtype)
+        torch.ops.grokalign.rademacher_(got, None)
+    assert torch.equal(got, want)
+
+
+def test_rademacher_op_refuses_bad_out():
+    pytest.importorskip("grokalign_fast._C", reason="C++ extension not built")
+    if ga._backends.extension_ops_reason(("rademacher_",)) is not None:
+        pytest.skip("the extension was built without rademacher_")
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.ops.grokalign.rademacher_(torch.empty(4, dtype=torch.int64), None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.grokalign.rademacher_(torch.empty(4, 6).t(), None)
+
+
+def test_rademacher_probes_are_the_reference_signs_on_every_path():
+    """draw_probes (the extension's fill where it is built) gives rademacher_reference's signs,
+    reshaped [P, B, *shape], for every target dtype."""
+    from grokalign_fast.probes import rademacher_reference
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        v = ga.draw_probes("rademacher", 2, 5, (3, 7), dtype=dtype, device="cpu",
+                           generator=torch.Generator().manual_seed(4))
+        want = rademacher_reference(2 * 5 * 21, torch.float32, torch.device("cpu"),
+                                    torch.Generator().manual_seed(4)).to(dtype).reshape(2, 5, 3, 7)
+        assert v.dtype == dtype and torch.equal(v, want)
+
+
 def test_norm_is_square_root_of_per_sample_estimate():
     name, model, x = CASES[0]
     kw = dict(estimator="reverse", num_probes=3, reduction="none")
@@ -319,3 +370,14 @@ def test_safe_sqrt_value_and_gradient_including_zero():
     # nan (and a negative value, which no squared norm is) is not hidden behind a 0
     assert torch.isnan(safe_sqrt(torch.tensor([float("nan"), -1.0, 1.0]))[:2]).all()
     assert torch.isinf(safe_sqrt(torch.tensor([float("inf")]))).all()
+
+
+def test_rademacher_op_schema_and_fake():
+    pytest.importorskip("grokalign_fast._C", reason="C++ extension not built")
+    from grokalign_fast import probes
+
+    if probes._rademacher_op() is None:
+        pytest.skip("the extension was built without rademacher_")
+    # Random by design: the checks that run the op twice and compare do not apply.
+    torch.library.opcheck(torch.ops.grokalign.rademacher_.default, (torch.empty(3, 5), torch.Generator()),
+                          test_utils=("test_schema", "test_faketensor"))
