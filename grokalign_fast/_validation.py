@@ -27,7 +27,7 @@ def check_batch_input(x, name: str = "x") -> torch.Tensor:
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch (shape {list(x.shape)})")
-    if x[0].numel() == 0:
+    if 0 in x.shape[1:]:
         raise ValueError(f"{name} has no features per sample (shape {list(x.shape)}): its Jacobian is empty")
     return x
 

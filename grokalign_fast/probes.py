@@ -24,7 +24,7 @@ whatever backend consumes them.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -129,35 +129,69 @@ def draw_checked(
     (``GrokAlign`` checks its probe settings at construction): ``shape`` a tuple of ints with
     product ``n >= 1``, ``device`` a ``torch.device``. The same generator state gives the same
     probes through either function."""
+    return drawer(kind, num_probes, shape, n, dtype=dtype, device=device, generator=generator)(batch)
+
+
+def drawer(
+    kind: str,
+    num_probes: int,
+    shape: tuple,
+    n: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: Optional[torch.Generator],
+) -> Callable[[int], torch.Tensor]:
+    """``draw(batch)``: :func:`draw_checked` with everything but the batch size fixed, for a
+    caller that draws the same kind of probes every step (``GrokAlign`` keeps one per path).
+    Each call draws fresh probes from ``generator``: the same values as :func:`draw_checked`."""
     gen_device = generator.device if generator is not None else device
     # Draw in at least float32 (and float64 for float64 targets) so low-precision
     # targets get correctly normalised probes.
     draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    P, B = num_probes, batch
-    if kind == "rademacher":
-        if gen_device.type == "cpu" and _rademacher_op() is not None:
-            # The extension's one-pass fill: the same signs, ~10 us instead of ~35 us for 50 x 784.
-            # Signs are exact in every floating dtype, so a CPU target is filled directly.
-            v = torch.empty((P, B) + shape, dtype=dtype if device.type == "cpu" else draw_dtype)
-            _rademacher_op()(v, generator)
+    P = num_probes
+    if kind == "rademacher" and gen_device.type == "cpu" and _rademacher_op() is not None:
+        # The extension's one-pass fill: the same signs, ~10 us instead of ~35 us for 50 x 784.
+        # Signs are exact in every floating dtype, so a CPU target is filled directly.
+        fill = _rademacher_op()
+        if device.type == "cpu":
+
+            def draw(batch: int) -> torch.Tensor:
+                v = torch.empty((P, batch) + shape, dtype=dtype)
+                fill(v, generator)
+                return v
+
+            return draw
+
+        def draw(batch: int) -> torch.Tensor:
+            v = torch.empty((P, batch) + shape, dtype=draw_dtype)
+            fill(v, generator)
             return v.to(device=device, dtype=dtype)
-        v = rademacher_reference(P * B * n, draw_dtype, gen_device, generator).reshape(P, B, n)
-    elif kind == "gaussian":
-        v = torch.randn((P, B, n), generator=generator, device=gen_device, dtype=draw_dtype)
-    elif kind == "sphere":
-        v = torch.randn((P, B, n), generator=generator, device=gen_device, dtype=draw_dtype)
-        v = v * (n ** 0.5 / v.norm(dim=-1, keepdim=True))
-    else:  # orthogonal
-        if P > n:
-            raise ValueError(
-                f"num_probes={P} exceeds the probe dimension {n}: orthogonal probes need "
-                f"num_probes <= {n} (num_probes = {n} is exact)"
-            )
-        g = torch.randn((B, n, P), generator=generator, device=gen_device, dtype=draw_dtype)
-        q, r = torch.linalg.qr(g)  # q: [B, n, P] with orthonormal columns
-        # Sign fix makes the frame Haar-distributed (Mezzadri 2007).
-        d = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-        d = torch.where(d == 0, torch.ones_like(d), d)
-        q = q * d.unsqueeze(-2)
-        v = q.permute(2, 0, 1) * (n ** 0.5)
-    return v.reshape((P, B) + shape).to(device=device, dtype=dtype)
+
+        return draw
+
+    def draw(batch: int) -> torch.Tensor:
+        B = batch
+        if kind == "rademacher":
+            v = rademacher_reference(P * B * n, draw_dtype, gen_device, generator).reshape(P, B, n)
+        elif kind == "gaussian":
+            v = torch.randn((P, B, n), generator=generator, device=gen_device, dtype=draw_dtype)
+        elif kind == "sphere":
+            v = torch.randn((P, B, n), generator=generator, device=gen_device, dtype=draw_dtype)
+            v = v * (n ** 0.5 / v.norm(dim=-1, keepdim=True))
+        else:  # orthogonal
+            if P > n:
+                raise ValueError(
+                    f"num_probes={P} exceeds the probe dimension {n}: orthogonal probes need "
+                    f"num_probes <= {n} (num_probes = {n} is exact)"
+                )
+            g = torch.randn((B, n, P), generator=generator, device=gen_device, dtype=draw_dtype)
+            q, r = torch.linalg.qr(g)  # q: [B, n, P] with orthonormal columns
+            # Sign fix makes the frame Haar-distributed (Mezzadri 2007).
+            d = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+            d = torch.where(d == 0, torch.ones_like(d), d)
+            q = q * d.unsqueeze(-2)
+            v = q.permute(2, 0, 1) * (n ** 0.5)
+        return v.reshape((P, B) + shape).to(device=device, dtype=dtype)
+
+    return draw

@@ -38,7 +38,7 @@ from ._validation import (
 from .jacobian import ESTIMATORS, safe_sqrt, sq_norm_estimate
 from .ops.mlp import model as mlp_model
 from .ops.mlp import reverse as mlp_reverse
-from .probes import PROBES, draw_checked, resolve_probes
+from .probes import PROBES, drawer, resolve_probes
 
 
 class GrokAlign(nn.Module):
@@ -135,7 +135,8 @@ class GrokAlign(nn.Module):
             return None
         m = max(1, int(round(self.subsample * batch)))
         gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
-        return torch.randperm(batch, generator=self.generator, device=gen_device)[:m].to(device)
+        idx = torch.randperm(batch, generator=self.generator, device=gen_device)[:m]
+        return idx if gen_device == device else idx.to(device)
 
     def __getstate__(self):
         # The path cache (a plan and a runner bound to this model's parameters) is rebuilt on
@@ -163,16 +164,17 @@ class GrokAlign(nn.Module):
             out = self.model(x)
             return out, out.new_zeros(())
         check_batch_input(x)
-        if self.requested_estimator == "auto":
+        if self.estimator == "auto":
             self.estimator = self._auto_estimator(x)
         idx = self._subsample_index(x.shape[0], x.device)
         out, values = self._estimate(x, idx)
         level = values.mean()
+        last_norm = level.detach()
         # A nan or inf estimate makes the mean non-finite (safe_sqrt keeps nan), so one host read
         # of the level serves as the check; the per-sample check runs only when it fails.
-        if self.check_finite_values and not math.isfinite(float(level.detach())):
+        if self.check_finite_values and not math.isfinite(float(last_norm)):
             check_finite(values, "the Jacobian norm of the model at x")
-        self._set_plain(last_norm=level.detach())
+        self._set_plain(last_norm=last_norm)
         penalty = (level - self.target).abs() if self.target is not None else level
         return out, (self.weight * self.every) * penalty
 
@@ -229,10 +231,11 @@ class GrokAlign(nn.Module):
         return reasons
 
     def _path_signature(self, x: torch.Tensor):
-        """Everything the path choice depends on: the input's per-sample shape, dtype and
-        device, the estimator, the train/eval mode, and the module tree with each parameter's
-        identity, dtype, device and requires_grad. Equal signatures reuse the cached path and
-        plan (choosing again costs ~70 us per call)."""
+        """Everything the path choice and its per-call function depend on: the input's per-sample
+        shape, dtype and device, the estimator settings (estimator, backend, probes, num_probes,
+        squared, generator), the train/eval mode, and the module tree with each parameter's
+        identity, dtype, device and requires_grad. Equal signatures reuse the cached path
+        (choosing again costs ~70 us per call)."""
         # One flat list (ids, not the objects: comparing tensors with == would compare values); ~3.5 us
         # for a 3-layer MLP where a tuple per parameter and a filtered generator took ~7 us.
         model = self.model
@@ -250,25 +253,75 @@ class GrokAlign(nn.Module):
                 stack.extend(m._modules.values())
         else:
             tree.append(id(model))
-        return (x.shape[1:], x.dtype, x.device, self.estimator, self.backend, getattr(model, "training", None), tree)
+        return (x.shape[1:], x.dtype, x.device, self.estimator, self.backend, self.probes, self.num_probes,
+                self.squared, id(self.generator), getattr(model, "training", None), tree)
 
     def _cached_path(self, x: torch.Tensor):
-        """``(path, plan, run)``: the path of :meth:`_choose_path`, the MLP plan (None off the MLP
-        paths) and, where one C++ op computes output and estimate, its
-        :func:`~grokalign_fast.ops.mlp.model.whole_mlp_runner` (layer arguments gathered once per
-        signature); else None."""
+        """``(path, compute)``: the path of :meth:`_choose_path` and its per-call function
+        ``compute(x, idx) -> (model(x), values)`` (see :meth:`_estimate`), built once per
+        signature with the plan, the probe drawer and, where one C++ op computes output and
+        estimate, its :func:`~grokalign_fast.ops.mlp.model.whole_mlp_runner` (layer arguments
+        gathered once)."""
         sig = self._path_signature(x)
-        if self._path_cache is not None and self._path_cache[0] == sig:
-            return self._path_cache[1:]
+        cache = self._path_cache
+        if cache is not None and cache[0] == sig:
+            return cache[1], cache[2]
         path = self._choose_path(x)
-        steps = mlp_model.plan(self.model)[0] if path in ("cpp", "triton", "reverse_mlp") else None
-        run = None
-        if path == "cpp" and self.estimator == "reverse":
-            run = mlp_model.whole_mlp_runner("reverse_mlp", steps)
-        elif path == "cpp" and mlp_model.whole_mlp_reason(steps, self.model.training, x) is None:
-            run = mlp_model.whole_mlp_runner("dual_mlp_sqnorm", steps)
-        self._path_cache = (sig, path, steps, run)
-        return path, steps, run
+        compute = self._make_compute(path, x)
+        self._path_cache = (sig, path, compute)
+        return path, compute
+
+    def _make_compute(self, path: str, x: torch.Tensor):
+        root = not self.squared
+        finish = safe_sqrt if root else (lambda est: est)
+        K, generator, dtype, device = self.num_probes, self.generator, x.dtype, x.device
+
+        def rows(x, idx):
+            return x.shape[0] if idx is None else idx.shape[0]
+
+        if path in ("cpp", "triton", "reverse_mlp"):
+            steps = mlp_model.plan(self.model)[0]
+            if path == "reverse_mlp" or self.estimator == "reverse":
+                C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
+                draw = drawer(resolve_probes(self.probes, "reverse"), K, (C,), C, dtype=dtype, device=device,
+                              generator=generator)
+                if path == "cpp":
+                    run = mlp_model.whole_mlp_runner("reverse_mlp", steps)
+                    return lambda x, idx: run(x, draw(rows(x, idx)), idx, root)
+
+                def compute(x, idx):
+                    out, est = mlp_reverse.reverse_forward(steps, x, draw(rows(x, idx)), idx, implementation="python")
+                    return out, finish(est)
+
+                return compute
+            shape = tuple(x.shape[1:])
+            draw = drawer(resolve_probes(self.probes, "forward"), K, shape, math.prod(shape), dtype=dtype,
+                          device=device, generator=generator)
+            if path == "cpp" and mlp_model.whole_mlp_reason(steps, self.model.training, x) is None:
+                run = mlp_model.whole_mlp_runner("dual_mlp_sqnorm", steps)
+                return lambda x, idx: run(x, draw(rows(x, idx)), idx, root)
+            training = self.model.training
+
+            def compute(x, idx):
+                out, est = mlp_model.dual_forward(steps, x, draw(rows(x, idx)), index=idx, training=training,
+                                                  backend=path, generator=None, checked=True)
+                return out, finish(est)
+
+            return compute
+        model, estimator, probes = self.model, self.estimator, self.probes
+
+        def compute(x, idx):
+            kw = dict(estimator=estimator, num_probes=K, probes=probes, generator=generator, backend="auto",
+                      create_graph=True)
+            if idx is None:
+                out, est = sq_norm_estimate(model, x, **kw)
+                return out, finish(est)
+            # Output on the whole batch; penalty on the random subset (an extra, smaller forward).
+            out = model(x)
+            _, est = sq_norm_estimate(model, x.index_select(0, idx), **kw)
+            return out, finish(est)
+
+        return compute
 
     def _choose_path(self, x: torch.Tensor) -> str:
         """"cpp" (fused forward-mode MLP ops, or the one-pass output-space op for the reverse
@@ -292,36 +345,6 @@ class GrokAlign(nn.Module):
         """``(model(x), values)``: ``values[r]`` estimates ||J||_F^2 at ``x[idx[r]]`` (all rows if idx is
         None) with ``squared=True``, and is its safe square root otherwise, which the whole-MLP ops
         take in the same pass (``root=True``)."""
-        root = not self.squared
-        finish = safe_sqrt if root else (lambda est: est)
-        path, steps, run = self._cached_path(x)
+        path, compute = self._cached_path(x)
         self._set_plain(last_backend=path)
-        rows = x.shape[0] if idx is None else idx.shape[0]
-        if path == "reverse_mlp" or (path == "cpp" and self.estimator == "reverse"):
-            C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
-            U = draw_checked(resolve_probes(self.probes, "reverse"), self.num_probes, rows, (C,), C, dtype=x.dtype,
-                             device=x.device, generator=self.generator)
-            if run is not None:
-                return run(x, U, idx, root)
-            out, est = mlp_reverse.reverse_forward(steps, x, U, idx, implementation="python")
-            return out, finish(est)
-        if path in ("cpp", "triton"):
-            V = draw_checked(resolve_probes(self.probes, "forward"), self.num_probes, rows, tuple(x.shape[1:]),
-                             math.prod(x.shape[1:]), dtype=x.dtype, device=x.device, generator=self.generator)
-            if run is not None:
-                return run(x, V, idx, root)
-            out, est = mlp_model.dual_forward(steps, x, V, index=idx, training=self.model.training,
-                                              backend=path, generator=None, checked=True)
-            return out, finish(est)
-        xs = x if idx is None else x.index_select(0, idx)
-        if idx is None:
-            out, est = sq_norm_estimate(self.model, x, estimator=self.estimator, num_probes=self.num_probes,
-                                        probes=self.probes, generator=self.generator, backend="auto",
-                                        create_graph=True)
-            return out, finish(est)
-        # Output on the whole batch; penalty on the random subset (an extra, smaller forward).
-        out = self.model(x)
-        _, est = sq_norm_estimate(self.model, xs, estimator=self.estimator, num_probes=self.num_probes,
-                                  probes=self.probes, generator=self.generator, backend="auto", create_graph=True)
-        return out, finish(est)
-
+        return compute(x, idx)

@@ -8,11 +8,14 @@
 // multiply); here it is one pass that reads the slopes of row src(r) in place, so no
 // gathered copy is made or saved.
 //
-// Threads: a pass runs on one thread below kGrainElems elements per chunk. These passes
-// are memory-bound and short (a 250 x 200 float buffer takes ~10-20 us on one core), and
-// waking OpenMP's sleeping workers costs more than that (40-120 us measured with
-// OMP_WAIT_POLICY=PASSIVE on the 2-core development machine), so ATen's 32k-element grain
-// made the small models' passes slower with 2 threads than with 1.
+// Threads: a pass splits into chunks of at least grain_elems() elements. These passes are
+// memory-bound and short (a 250 x 200 float buffer takes ~10-20 us on one core). OpenMP's
+// default policy keeps the workers spinning for a while after the GEMMs, so a 16k-element
+// grain pays; with OMP_WAIT_POLICY=PASSIVE each parallel pass pays for waking a sleeping
+// worker (40-120 us measured on the 2-core development machine), so it is 64k there.
+// Measured in interleaved training steps of 784-200-200-10 (batch 200), subsample=0.25, 2
+// threads: default policy 1.22-1.23x (16k) against 1.23-1.25x (64k); PASSIVE 1.13x (16k)
+// against 1.11x (64k) (2026-11-30).
 //
 // Each function has an ATen fallback with the same results (any device, any dtype, any
 // strides); the loops serve contiguous-row float / double CPU tensors.
@@ -25,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 
 #include "common/dual_linear.h"
@@ -35,9 +39,16 @@ namespace pl_rows {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-constexpr int64_t kGrainElems = int64_t{1} << 16;
+inline int64_t grain_elems() {
+  static const int64_t grain = [] {
+    const char* policy = std::getenv("OMP_WAIT_POLICY");
+    const bool passive = policy != nullptr && (policy[0] == 'P' || policy[0] == 'p');
+    return passive ? int64_t{1} << 16 : int64_t{1} << 14;
+  }();
+  return grain;
+}
 
-inline int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1)); }
+inline int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, grain_elems() / std::max<int64_t>(n, 1)); }
 
 // A CPU float/double matrix whose rows are contiguous (any row stride), or undefined.
 inline bool loop_ok(const Tensor& t) {
@@ -205,10 +216,29 @@ inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = fa
 // it grad[r] / (K e[r]), e = sqrt(sq) recomputed from the rows t, and 0 where e[r] = 0 (the
 // gradient of the norm at a zero Jacobian, as grokalign_fast.jacobian.safe_sqrt has it).
 inline Tensor seed_factor(const Tensor& grad, const Tensor& t, int64_t K, int64_t R, bool root) {
-  if (!root) return grad.mul(2.0 / static_cast<double>(K));
-  const Tensor e = probe_sqnorm(t, K, R, /*root=*/true);
-  const Tensor nonzero = e.ne(0);
-  return at::where(nonzero, grad / (e * static_cast<double>(K)), at::zeros({}, grad.options()));
+  const bool loop = loop_ok(t) && t.numel() > 0 && grad.device().is_cpu() && grad.dim() == 1 &&
+                    grad.size(0) == R && grad.scalar_type() == t.scalar_type();
+  if (!loop) {
+    if (!root) return grad.mul(2.0 / static_cast<double>(K));
+    const Tensor e = probe_sqnorm(t, K, R, /*root=*/true);
+    const Tensor nonzero = e.ne(0);
+    return at::where(nonzero, grad / (e * static_cast<double>(K)), at::zeros({}, grad.options()));
+  }
+  // One pass instead of 4-6 ATen calls; grad may be a stride-0 expand (the mean's backward).
+  const Tensor e = root ? probe_sqnorm(t, K, R, /*root=*/true) : Tensor();
+  Tensor c = at::empty({R}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_pl_seed_factor", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const int64_t gs = grad.stride(0);
+    const scalar_t* ep = root ? e.data_ptr<scalar_t>() : nullptr;
+    scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t k = static_cast<scalar_t>(K), two_over_k = static_cast<scalar_t>(2.0 / static_cast<double>(K));
+    for (int64_t r = 0; r < R; ++r) {
+      const scalar_t g = gp[r * gs];
+      cp[r] = !root ? g * two_over_k : (ep[r] != scalar_t(0) ? g / (ep[r] * k) : scalar_t(0));
+    }
+  });
+  return c;
 }
 
 }  // namespace pl_rows

@@ -172,7 +172,8 @@ def whole_mlp_runner(op_name: str, steps: List[Step]):
 
     def run(x: torch.Tensor, probes: torch.Tensor, index: Optional[torch.Tensor] = None, root: bool = False):
         h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
-        y, est, _ = op(h, probes.reshape(probes.shape[0], probes.shape[1], -1), index, *args, root)
+        v = probes if probes.dim() == 3 else probes.reshape(probes.shape[0], probes.shape[1], -1)
+        y, est, _ = op(h, v, index, *args, root)
         return y, est
 
     return run
