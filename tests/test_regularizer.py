@@ -528,6 +528,33 @@ def test_copies_and_replaced_parameters_use_their_own_weights(estimator):
     torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimator", ["forward", "reverse", "exact"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_settings_changed_after_a_call_are_used(estimator, backend):
+    """The per-call function cached for a path binds the probe settings: changing num_probes, probes,
+    squared, subsample or the generator on a used regulariser gives what a new one with those settings
+    gives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    reg = GrokAlign(model, 0.5, estimator=estimator, backend=backend, generator=_gen(1))
+    reg(x)
+    changes = [dict(num_probes=3), dict(probes="gaussian"), dict(squared=True), dict(subsample=0.5),
+               dict(generator=_gen(2))]
+    settings = dict(num_probes=1, probes="auto", squared=False, subsample=None)
+    for change in changes:
+        for name, value in change.items():
+            setattr(reg, name, value)
+        settings.update({k: v for k, v in change.items() if k != "generator"})
+        before = reg.generator.get_state()
+        _, got = reg(x)
+        fresh = GrokAlign(model, 0.5, estimator=estimator, backend=backend, generator=torch.Generator(), **settings)
+        fresh.generator.set_state(before)
+        _, want = fresh(x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        assert reg.last_backend == fresh.last_backend
+
+
 @pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
 @pytest.mark.parametrize("op_name", ["dual_mlp_sqnorm", "reverse_mlp"])
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1)], ids=repr)
