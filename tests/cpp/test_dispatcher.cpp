@@ -5,6 +5,7 @@
 // CUDA kernels to be registered and, when a GPU is present, checks their numbers.
 // Exit status 0 when every check passes, 1 otherwise.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -113,6 +114,24 @@ void check_reverse_mlp() {
   expect_close(rooted, est.sqrt(), 1e-12, 1e-12, "reverse_mlp with root=true returns the square root of est");
 }
 
+// grokalign::rademacher_ against its specification in ATen (grokalign_fast.probes.rademacher_reference):
+// W = ceil(n / 32) words from randint(0, 2^32), element e the sign of bit e % 32 of word e / 32.
+void check_rademacher() {
+  using Fn = void(const at::Tensor&, std::optional<at::Generator>);
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::rademacher_", "").typed<Fn>();
+  for (const int64_t n : {int64_t{0}, int64_t{1}, int64_t{33}, int64_t{784 * 3 + 5}}) {
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7 + n);
+    const at::Tensor words = at::randint(0, int64_t{1} << 32, {(n + 31) / 32}, gen, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor e = at::arange(n, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor bits = words.index_select(0, at::floor_divide(e, 32)).bitwise_right_shift(e.remainder(32)).bitwise_and(1);
+    const at::Tensor want = (bits * 2 - 1).to(at::kFloat);
+    at::Generator again = at::make_generator<at::CPUGeneratorImpl>(7 + n);
+    const at::Tensor got = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    op.call(got, again);
+    expect(at::equal(got, want), "rademacher_ draws the reference signs (" + std::to_string(n) + " entries)");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -142,6 +161,7 @@ int main() {
   try {
     check_numbers(sqnorm, sqnorm_backward, at::kCPU);
     check_reverse_mlp();
+    check_rademacher();
 #ifdef GROKALIGN_TEST_CUDA
     expect(sqnorm.hasKernelForDispatchKey(c10::DispatchKey::CUDA), "probe_sqnorm has a CUDA kernel");
     expect(sqnorm_backward.hasKernelForDispatchKey(c10::DispatchKey::CUDA),
