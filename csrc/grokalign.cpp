@@ -52,27 +52,28 @@ TORCH_LIBRARY(grokalign, m) {
   //   weights[l] [n_l, n_{l-1}], biases: the present biases, has_bias[l]: layer l has one,
   //   acts[l]: 0 identity, 1 relu, 2 leaky_relu (slope alphas[l]).
   // Returns y = the MLP's output [B, C], est[r] = (1/K) sum_k ||J(x[index[r]])^T u[k, r]||^2 [R]
-  //   (with root=True its square root, whose gradient is 0 where est[r] = 0),
+  //   (with root=True its square root, whose gradient is 0 where est[r] = 0; either times scale, so
+  //   that a penalty weight lambda / R makes sum(est) the weighted batch mean),
   //   and the state the backward needs (3L - 1 tensors, see reverse_mlp.cpp).
   m.def(
       "reverse_mlp(Tensor x, Tensor u, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
-      "int[] acts, float[] alphas, bool root=False) -> (Tensor y, Tensor est, Tensor[] saved)");
+      "int[] acts, float[] alphas, bool root=False, float scale=1.0) -> (Tensor y, Tensor est, Tensor[] saved)");
   // Returns grad_x ([0] unless need_x), one grad per weight, one per present bias.
   m.def(
       "reverse_mlp_backward(Tensor? grad_y, Tensor? grad_est, Tensor x, Tensor u, Tensor? index, Tensor[] weights, "
-      "Tensor[] saved, bool[] has_bias, bool need_x, bool root=False) -> (Tensor grad_x, Tensor[] grad_weights, "
+      "Tensor[] saved, bool[] has_bias, bool need_x, bool root=False, float scale=1.0) -> (Tensor grad_x, Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
   // The forward-mode (input-space) Hutchinson estimate for a whole piecewise-linear MLP in one pass
   // (csrc/cpu/dual_mlp.cpp): the MLP runs on the stacked rows [x; v] with the tangent rows
   // taking the primal rows' slopes. v [K, R, IN] input probes riding on rows index [R];
   // other arguments as reverse_mlp. Returns y [B, C], sq[r] = (1/K) sum_k ||J(x[index[r]]) v[k, r]||^2 [R],
-  // (root as in reverse_mlp) and the state the backward needs (2L tensors, see dual_mlp.cpp).
+  // (root and scale as in reverse_mlp) and the state the backward needs (2L tensors, see dual_mlp.cpp).
   // The backward's arguments are reverse_mlp_backward's.
   m.def(
       "dual_mlp_sqnorm(Tensor x, Tensor v, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
-      "int[] acts, float[] alphas, bool root=False) -> (Tensor y, Tensor sq, Tensor[] saved)");
+      "int[] acts, float[] alphas, bool root=False, float scale=1.0) -> (Tensor y, Tensor sq, Tensor[] saved)");
   m.def(
       "dual_mlp_sqnorm_backward(Tensor? grad_y, Tensor? grad_sq, Tensor x, Tensor v, Tensor? index, Tensor[] weights, "
-      "Tensor[] saved, bool[] has_bias, bool need_x, bool root=False) -> (Tensor grad_x, Tensor[] grad_weights, "
+      "Tensor[] saved, bool[] has_bias, bool need_x, bool root=False, float scale=1.0) -> (Tensor grad_x, Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
 }

@@ -115,7 +115,7 @@ class GrokAlign(nn.Module):
         self.generator = generator
         self.check_finite_values = check_finite_values
         self.step = 0
-        self.last_norm: Optional[torch.Tensor] = None
+        self._last_norm = None  # see the last_norm property
         self.last_backend: Optional[str] = None
         # (signature, path, plan): the path chosen for the last signature (see _path_signature).
         self._path_cache = None
@@ -146,37 +146,79 @@ class GrokAlign(nn.Module):
         state["_path_cache"] = None
         return state
 
+    @property
+    def last_norm(self) -> Optional[torch.Tensor]:
+        """Detached mean per-sample norm (or squared norm with ``squared=True``) of the last computed
+        penalty; None if the last call computed none."""
+        value = self.__dict__.get("_last_norm")
+        if isinstance(value, tuple):
+            # (the penalty, the weight it carries): where the op folds the weight into its epilogue,
+            # the level is divided out on first access, not on every step.
+            value = value[0] / value[1]
+            self.__dict__["_last_norm"] = value
+        return value
+
     def _set_plain(self, **values) -> None:
-        """Set plain attributes (step, last_norm, last_backend) on the training path without
+        """Set plain attributes (step, _last_norm, last_backend) on the training path without
         nn.Module.__setattr__'s parameter / buffer / module checks (~5 us per attribute); these
         names are never parameters, buffers or modules."""
         self.__dict__.update(values)
 
     def forward(self, x: torch.Tensor):
         if not self._penalty_active():
-            self._set_plain(last_norm=None)
+            self._set_plain(_last_norm=None)
             out = self.model(x)
             return out, out.new_zeros(())
         step = self.step
         self._set_plain(step=step + 1)
         if step % self.every != 0:
-            self._set_plain(last_norm=None)
+            self._set_plain(_last_norm=None)
             out = self.model(x)
             return out, out.new_zeros(())
         check_batch_input(x)
         if self.estimator == "auto":
             self.estimator = self._auto_estimator(x)
         idx = self._subsample_index(x.shape[0], x.device)
-        out, values = self._estimate(x, idx)
+        path, compute, folds = self._cached_path(x)
+        self._set_plain(last_backend=path)
+        factor = self.weight * self.every
+        if folds and self.target is None:
+            # The whole-MLP ops take the weight in their epilogue: values[r] = factor / R * norm[r],
+            # so the penalty is their sum (no mean, no scaling op, no extra autograd nodes).
+            rows = x.shape[0] if idx is None else idx.shape[0]
+            scale = factor / rows
+            out, values = compute(x, idx, scale)
+            penalty = values.sum()
+            detached = penalty.detach()
+            if self.check_finite_values and not math.isfinite(float(detached)):
+                self._raise_nonfinite(values, scale)
+            self._set_plain(_last_norm=(detached, factor))
+            return out, penalty
+        out, values = compute(x, idx)
         level = values.mean()
-        last_norm = level.detach()
-        # A nan or inf estimate makes the mean non-finite (safe_sqrt keeps nan), so one host read
-        # of the level serves as the check; the per-sample check runs only when it fails.
-        if self.check_finite_values and not math.isfinite(float(last_norm)):
+        penalty = factor * ((level - self.target).abs() if self.target is not None else level)
+        # A nan or inf estimate makes the penalty non-finite (safe_sqrt keeps nan), so one host read
+        # serves as the check; the per-sample check runs only when it fails.
+        if self.check_finite_values and not math.isfinite(float(penalty.detach())):
+            self._raise_nonfinite(values)
+        self._set_plain(_last_norm=level.detach())
+        return out, penalty
+
+    def _raise_nonfinite(self, values: torch.Tensor, scale: float = 1.0) -> None:
+        """Raise for a non-finite penalty. ``values``: the per-sample norms, times ``scale`` where the
+        op folded the weight in (a factor <= 1 cannot turn a finite norm into inf or nan)."""
+        if scale <= 1.0:
             check_finite(values, "the Jacobian norm of the model at x")
-        self._set_plain(last_norm=last_norm)
-        penalty = (level - self.target).abs() if self.target is not None else level
-        return out, (self.weight * self.every) * penalty
+            raise FloatingPointError(
+                f"the penalty overflowed {values.dtype}: every per-sample Jacobian norm is finite but their "
+                f"weighted mean is not (weight={self.weight}, every={self.every}); lower the weight or use a "
+                "wider dtype"
+            )
+        bad = (~torch.isfinite(values.detach())).nonzero()[:, 0].tolist()[:8]
+        raise FloatingPointError(
+            f"the penalty is not finite in {values.dtype} (samples {bad}): the Jacobian norm there is not "
+            f"finite, or weight * every / rows = {scale:g} makes it overflow; lower the weight or use a wider dtype"
+        )
 
     def _auto_estimator(self, x: torch.Tensor) -> str:
         """estimator="auto": "reverse" when the model has no more outputs than inputs per sample, else "forward".
@@ -257,19 +299,21 @@ class GrokAlign(nn.Module):
                 self.squared, id(self.generator), getattr(model, "training", None), tree)
 
     def _cached_path(self, x: torch.Tensor):
-        """``(path, compute)``: the path of :meth:`_choose_path` and its per-call function
-        ``compute(x, idx) -> (model(x), values)`` (see :meth:`_estimate`), built once per
-        signature with the plan, the probe drawer and, where one C++ op computes output and
+        """``(path, compute, folds)``: the path of :meth:`_choose_path` and its per-call function
+        ``compute(x, idx) -> (model(x), values)`` (``values[r]``: the estimate of ||J||_F^2 at
+        ``x[idx[r]]``, all rows if idx is None, with ``squared=True``, else its safe square root,
+        which the whole-MLP ops take in the same pass), built once per signature with the plan, the probe drawer and, where one C++ op computes output and
         estimate, its :func:`~grokalign_fast.ops.mlp.model.whole_mlp_runner` (layer arguments
-        gathered once)."""
+        gathered once). ``folds``: compute takes a third argument, a scale the op applies to
+        the values in its epilogue (the C++ whole-MLP ops)."""
         sig = self._path_signature(x)
         cache = self._path_cache
         if cache is not None and cache[0] == sig:
-            return cache[1], cache[2]
+            return cache[1], cache[2], cache[3]
         path = self._choose_path(x)
-        compute = self._make_compute(path, x)
-        self._path_cache = (sig, path, compute)
-        return path, compute
+        compute, folds = self._make_compute(path, x)
+        self._path_cache = (sig, path, compute, folds)
+        return path, compute, folds
 
     def _make_compute(self, path: str, x: torch.Tensor):
         root = not self.squared
@@ -287,19 +331,19 @@ class GrokAlign(nn.Module):
                               generator=generator)
                 if path == "cpp":
                     run = mlp_model.whole_mlp_runner("reverse_mlp", steps)
-                    return lambda x, idx: run(x, draw(rows(x, idx)), idx, root)
+                    return (lambda x, idx, scale=1.0: run(x, draw(rows(x, idx)), idx, root, scale)), True
 
                 def compute(x, idx):
                     out, est = mlp_reverse.reverse_forward(steps, x, draw(rows(x, idx)), idx, implementation="python")
                     return out, finish(est)
 
-                return compute
+                return compute, False
             shape = tuple(x.shape[1:])
             draw = drawer(resolve_probes(self.probes, "forward"), K, shape, math.prod(shape), dtype=dtype,
                           device=device, generator=generator)
             if path == "cpp" and mlp_model.whole_mlp_reason(steps, self.model.training, x) is None:
                 run = mlp_model.whole_mlp_runner("dual_mlp_sqnorm", steps)
-                return lambda x, idx: run(x, draw(rows(x, idx)), idx, root)
+                return (lambda x, idx, scale=1.0: run(x, draw(rows(x, idx)), idx, root, scale)), True
             training = self.model.training
 
             def compute(x, idx):
@@ -307,7 +351,7 @@ class GrokAlign(nn.Module):
                                                   backend=path, generator=None, checked=True)
                 return out, finish(est)
 
-            return compute
+            return compute, False
         model, estimator, probes = self.model, self.estimator, self.probes
 
         def compute(x, idx):
@@ -321,7 +365,7 @@ class GrokAlign(nn.Module):
             _, est = sq_norm_estimate(model, x.index_select(0, idx), **kw)
             return out, finish(est)
 
-        return compute
+        return compute, False
 
     def _choose_path(self, x: torch.Tensor) -> str:
         """"cpp" (fused forward-mode MLP ops, or the one-pass output-space op for the reverse
@@ -340,11 +384,3 @@ class GrokAlign(nn.Module):
                 f"backend={self.backend!r} cannot run this model: {reasons[self.backend]}"
             )
         return self.backend
-
-    def _estimate(self, x: torch.Tensor, idx: Optional[torch.Tensor]):
-        """``(model(x), values)``: ``values[r]`` estimates ||J||_F^2 at ``x[idx[r]]`` (all rows if idx is
-        None) with ``squared=True``, and is its safe square root otherwise, which the whole-MLP ops
-        take in the same pass (``root=True``)."""
-        path, compute = self._cached_path(x)
-        self._set_plain(last_backend=path)
-        return compute(x, idx)

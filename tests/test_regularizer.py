@@ -603,3 +603,74 @@ def test_whole_mlp_ops_root_equals_safe_sqrt_of_the_estimate(op_name, act):
     for a, b in zip(got[True], got[False]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
     torch.library.opcheck(op.default, (x.detach(), probes, idx, weights, biases, has_bias, acts, alphas, True))
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("op_name", ["dual_mlp_sqnorm", "reverse_mlp"])
+@pytest.mark.parametrize("root", [False, True])
+def test_whole_mlp_ops_scale_multiplies_the_estimate_and_its_gradient(op_name, root):
+    """scale=s returns s * est (or s * sqrt(est)) and the gradients of that: equal to the unscaled op's
+    output times s, float64, with a zero probe row under root; opcheck with the scale."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(7, 6), nn.LeakyReLU(0.2), nn.Linear(6, 4, bias=False), nn.ReLU(),
+                          nn.Linear(4, 3)).double()
+    steps, _ = mlp_model.plan(model)
+    weights, biases, has_bias, acts, alphas = mlp_model.whole_mlp_op_args(steps)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([1, 4, 1])
+    probes = torch.randn(2, 3, 7 if op_name == "dual_mlp_sqnorm" else 3, dtype=torch.float64)
+    probes[:, 2] = 0.0
+    op = getattr(torch.ops.grokalign, op_name)
+    params = [x] + weights + biases
+    gy = torch.linspace(-1, 1, 15, dtype=torch.float64).view(5, 3)
+    got = {}
+    for scale in (1.0, 0.37):
+        y, est, _ = op(x, probes, idx, weights, biases, has_bias, acts, alphas, root, scale)
+        pen = est if scale != 1.0 else 0.37 * est
+        loss = (y * gy).sum() + (pen * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum()
+        got[scale] = [y, pen] + list(torch.autograd.grad(loss, params))
+    for a, b in zip(got[0.37], got[1.0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.library.opcheck(op.default, (x.detach(), probes, idx, weights, biases, has_bias, acts, alphas, root, 0.37))
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+@pytest.mark.parametrize("estimator", ["forward", "reverse"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_folded_weight_equals_the_reference_penalty_gradients_and_last_norm(estimator, squared):
+    """backend="cpp" folds weight * every / R into the op and sums: penalty, every parameter gradient
+    and last_norm equal the reference path's (mean, then weight) on the same probes, float64, with
+    subsample and every; target= keeps the unfolded path and matches too."""
+    import copy
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    x = torch.randn(12, 8, dtype=torch.float64)
+    for extra in (dict(subsample=0.5, every=2), dict(target=1.5)):
+        res = {}
+        for backend in ("cpp", "reference"):
+            m = copy.deepcopy(model)
+            reg = GrokAlign(m, 0.3, estimator=estimator, squared=squared, backend=backend, generator=_gen(8), **extra)
+            out, pen = reg(x)
+            grads = torch.autograd.grad(out.sum() + pen, list(m.parameters()))
+            res[backend] = [out, pen, reg.last_norm] + list(grads)
+            assert reg.last_backend == backend
+        for a, b in zip(res["cpp"], res["reference"]):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+        assert res["cpp"][2].requires_grad is False
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_a_weight_that_overflows_the_penalty_is_named():
+    """float32, ||J||_F^2 ~ 1e13 and weight 1e38: the penalty overflows though every norm is finite."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1e3)
+        model[2].weight.fill_(1e3)
+        model[0].bias.fill_(1.0)
+    reg = GrokAlign(model, 1e38, estimator="forward", backend="cpp", squared=True)
+    with pytest.raises(FloatingPointError, match=r"weight \* every / rows = .* makes it overflow"):
+        reg(torch.ones(1, 3) * 1e3)
+    reg = GrokAlign(model, 1e38, estimator="forward", backend="reference", squared=True)
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        reg(torch.ones(2, 3) * 1e3)

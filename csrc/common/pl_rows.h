@@ -181,11 +181,13 @@ inline void mul_slopes(const Tensor& primal, const Tensor& tangent, const Tensor
 }
 
 // sq[r] = (1/K) sum_k ||t[k*R + r]||^2 for tangent rows t [K*R, n]; returns [R], or sqrt(sq)
-// with root (the penalty on the norm rather than its square; sqrt(0) = 0, nan stays nan).
-inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = false) {
+// with root (the penalty on the norm rather than its square; sqrt(0) = 0, nan stays nan), times
+// scale (a penalty weight folded into the epilogue: scale * sum_r is then the weighted mean).
+inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = false, double scale = 1.0) {
   if (!loop_ok(t) || t.numel() == 0) {
     Tensor sq = t.reshape({K, R, -1}).pow(2).sum(at::IntArrayRef{0, 2}).div_(static_cast<double>(K));
-    return root ? sq.sqrt_() : sq;
+    if (root) sq.sqrt_();
+    return scale == 1.0 ? sq : sq.mul_(scale);
   }
   const int64_t n = t.size(1), ld = t.stride(0);
   Tensor sq = at::empty({R}, t.options());
@@ -204,7 +206,8 @@ inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = fa
           for (; j < n; ++j) acc[0] += static_cast<acc_t>(row[j]) * static_cast<acc_t>(row[j]);
         }
         const acc_t v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<acc_t>(K);
-        out[r] = static_cast<scalar_t>(root ? std::sqrt(v) : v);
+        const scalar_t f = static_cast<scalar_t>(root ? std::sqrt(v) : v);
+        out[r] = scale == 1.0 ? f : f * static_cast<scalar_t>(scale);
       }
     });
   });
@@ -212,19 +215,21 @@ inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = fa
 }
 
 // The per-row factor c[r] of the penalty's backward seed, d loss / d t[k*R + r] = c[r] t[k*R + r]:
-// (2/K) grad[r] for the squared estimate; with root, d sqrt(sq) / d sq = 1 / (2 sqrt(sq)) makes
-// it grad[r] / (K e[r]), e = sqrt(sq) recomputed from the rows t, and 0 where e[r] = 0 (the
-// gradient of the norm at a zero Jacobian, as grokalign_fast.jacobian.safe_sqrt has it).
-inline Tensor seed_factor(const Tensor& grad, const Tensor& t, int64_t K, int64_t R, bool root) {
+// (2/K) g[r] for the squared estimate; with root, d sqrt(sq) / d sq = 1 / (2 sqrt(sq)) makes
+// it g[r] / (K e[r]), e = sqrt(sq) recomputed from the rows t, and 0 where e[r] = 0 (the
+// gradient of the norm at a zero Jacobian, as grokalign_fast.jacobian.safe_sqrt has it);
+// g = scale * grad (see probe_sqnorm).
+inline Tensor seed_factor(const Tensor& grad, const Tensor& t, int64_t K, int64_t R, bool root, double scale = 1.0) {
   const bool loop = loop_ok(t) && t.numel() > 0 && grad.device().is_cpu() && grad.dim() == 1 &&
                     grad.size(0) == R && grad.scalar_type() == t.scalar_type();
   if (!loop) {
-    if (!root) return grad.mul(2.0 / static_cast<double>(K));
+    const Tensor g = scale == 1.0 ? grad : grad * scale;
+    if (!root) return g.mul(2.0 / static_cast<double>(K));
     const Tensor e = probe_sqnorm(t, K, R, /*root=*/true);
     const Tensor nonzero = e.ne(0);
-    return at::where(nonzero, grad / (e * static_cast<double>(K)), at::zeros({}, grad.options()));
+    return at::where(nonzero, g / (e * static_cast<double>(K)), at::zeros({}, g.options()));
   }
-  // One pass instead of 4-6 ATen calls; grad may be a stride-0 expand (the mean's backward).
+  // One pass instead of 4-6 ATen calls; grad may be a stride-0 expand (a mean's or sum's backward).
   const Tensor e = root ? probe_sqnorm(t, K, R, /*root=*/true) : Tensor();
   Tensor c = at::empty({R}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_pl_seed_factor", [&] {
@@ -233,8 +238,9 @@ inline Tensor seed_factor(const Tensor& grad, const Tensor& t, int64_t K, int64_
     const scalar_t* ep = root ? e.data_ptr<scalar_t>() : nullptr;
     scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t k = static_cast<scalar_t>(K), two_over_k = static_cast<scalar_t>(2.0 / static_cast<double>(K));
+    const scalar_t sc = static_cast<scalar_t>(scale);
     for (int64_t r = 0; r < R; ++r) {
-      const scalar_t g = gp[r * gs];
+      const scalar_t g = scale == 1.0 ? gp[r * gs] : gp[r * gs] * sc;
       cp[r] = !root ? g * two_over_k : (ep[r] != scalar_t(0) ? g / (ep[r] * k) : scalar_t(0));
     }
   });

@@ -16,7 +16,7 @@
 // passes are single loops (common/pl_rows.h).
 //
 //   sq[r] = (1/K) sum_k ||t_L[k, r]||^2,  d sq[r] / d t_L[k, r] = (2/K) t_L[k, r];
-//   with root, sqrt(sq[r]) (see pl_rows::seed_factor for its gradient).
+//   with root, sqrt(sq[r]) (see pl_rows::seed_factor for its gradient); either times scale.
 //
 // Registered for CompositeExplicitAutograd: ATen ops on any device (FakeTensor runs it for
 // shapes), CPU loops for the elementwise passes. Sits in csrc/cpu/ because setup.py and
@@ -50,7 +50,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
                                                              at::TensorList biases,
                                                              const std::vector<bool>& has_bias,
                                                              at::IntArrayRef acts, at::ArrayRef<double> alphas,
-                                                             bool root) {
+                                                             bool root, double scale) {
   const pl_mlp::Shapes s =
       pl_mlp::check_args("dual_mlp_sqnorm", "v", true, x_in, v, index, weights, biases, has_bias, acts, alphas);
   pl_rows::check_index_range("dual_mlp_sqnorm", index, s.B);
@@ -74,7 +74,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
   }
   const Tensor y = Z.narrow(0, 0, B).clone();  // an output of its own (outputs must not alias)
   const Tensor tL = Z.narrow(0, B, KR);
-  const Tensor sq = pl_rows::probe_sqnorm(tL, K, R, root);
+  const Tensor sq = pl_rows::probe_sqnorm(tL, K, R, root, scale);
   std::vector<Tensor> saved(S.begin() + 1, S.end());
   for (int64_t l = 0; l < L; ++l) saved.push_back(D[l].defined() ? D[l] : at::empty({0}, x_in.options()));
   saved.push_back(tL);
@@ -84,7 +84,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
 // Gradients: grad_x ([0] unless need_x), one per weight, one per present bias.
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     const OptTensor& grad_y, const OptTensor& grad_sq, const Tensor& x, const Tensor& v, const OptTensor& index,
-    at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x, bool root) {
+    at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x, bool root,
+    double scale) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L, "grokalign::dual_mlp_sqnorm_backward: saved must hold ",
               2 * L, " tensors, got ", saved.size());
@@ -110,7 +111,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     top.zero_();
   }
   if (grad_sq.has_value() && grad_sq->defined()) {
-    const Tensor c = pl_rows::seed_factor(*grad_sq, tL, K, R, root).view({1, R, 1});
+    const Tensor c = pl_rows::seed_factor(*grad_sq, tL, K, R, root, scale).view({1, R, 1});
     Tensor bottom3 = bottom.view({K, R, -1});
     at::mul_out(bottom3, tL.view({K, R, -1}), c);
     mul_slopes(Tensor(), bottom, dL, index, K, R);
@@ -145,14 +146,15 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> dual_mlp_sqnorm_op(const Tensor&
                                                                    const OptTensor& index, at::TensorList weights,
                                                                    at::TensorList biases, c10::List<bool> has_bias,
                                                                    at::IntArrayRef acts,
-                                                                   at::ArrayRef<double> alphas, bool root) {
-  return forward_impl(x, v, index, weights, biases, bool_vector(has_bias), acts, alphas, root);
+                                                                   at::ArrayRef<double> alphas, bool root,
+                                                                   double scale) {
+  return forward_impl(x, v, index, weights, biases, bool_vector(has_bias), acts, alphas, root, scale);
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> dual_mlp_sqnorm_backward_op(
     const OptTensor& grad_y, const OptTensor& grad_sq, const Tensor& x, const Tensor& v, const OptTensor& index,
-    at::TensorList weights, at::TensorList saved, c10::List<bool> has_bias, bool need_x, bool root) {
-  return backward_impl(grad_y, grad_sq, x, v, index, weights, saved, bool_vector(has_bias), need_x, root);
+    at::TensorList weights, at::TensorList saved, c10::List<bool> has_bias, bool need_x, bool root, double scale) {
+  return backward_impl(grad_y, grad_sq, x, v, index, weights, saved, bool_vector(has_bias), need_x, root, scale);
 }
 
 struct DualMLPNames {

@@ -56,7 +56,7 @@ Tensor last_delta(const Tensor& u, const Tensor& DL, const OptTensor& index, int
 // recomputed from u in the backward, so an identity last layer saves no copy of u).
 std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
     const Tensor& x_in, const Tensor& u_in, const OptTensor& index, at::TensorList weights, at::TensorList biases,
-    const std::vector<bool>& has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas, bool root) {
+    const std::vector<bool>& has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas, bool root, double scale) {
   const pl_mlp::Shapes s =
       pl_mlp::check_args("reverse_mlp", "u", false, x_in, u_in, index, weights, biases, has_bias, acts, alphas);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
       d = g;
     }
   }
-  const Tensor est = pl_rows::probe_sqnorm(g, K, R, root);
+  const Tensor est = pl_rows::probe_sqnorm(g, K, R, root, scale);
   // The tangent along g: t_l = D_l (t_{l-1} W_l^T) into the bottom rows of S_l (l < L).
   Tensor t = g;
   for (int64_t l = 0; l + 1 < L; ++l) {
@@ -115,7 +115,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
 // (one per present bias). Either incoming gradient may be absent.
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backward_impl(
     const OptTensor& grad_y, const OptTensor& grad_est, const Tensor& x_in, const Tensor& u, const OptTensor& index,
-    at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x, bool root) {
+    at::TensorList weights, at::TensorList saved, const std::vector<bool>& has_bias, bool need_x, bool root,
+    double scale) {
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 3 * L - 1, "grokalign::reverse_mlp_backward: saved must hold the forward's ",
               3 * L - 1, " tensors, got ", saved.size());
@@ -137,7 +138,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
   const bool has_gy = grad_y.has_value() && grad_y->defined();
   const bool has_ge = grad_est.has_value() && grad_est->defined();
   Tensor c;  // [K*R, 1]: (2/K) grad_est[r] for every probe row (k, r)
-  if (has_ge) c = pl_rows::seed_factor(*grad_est, g, K, R, root).view({1, R, 1}).expand({K, R, 1}).reshape({KR, 1});
+  if (has_ge) c = pl_rows::seed_factor(*grad_est, g, K, R, root, scale).view({1, R, 1}).expand({K, R, 1}).reshape({KR, 1});
   std::vector<Tensor> gw(L), gb_layer(L);
   // gamma_l [B, n_l] (the loss's backward chain) is written into the top rows of
   // G_l = [gamma_l; c delta_l] when both parts are present at a layer l > 0, so that
@@ -203,15 +204,15 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_op(const Tensor& x, 
                                                                const OptTensor& index, at::TensorList weights,
                                                                at::TensorList biases, c10::List<bool> has_bias,
                                                                at::IntArrayRef acts, at::ArrayRef<double> alphas,
-                                                               bool root) {
-  return reverse_mlp_impl(x, u, index, weights, biases, bool_vector(has_bias), acts, alphas, root);
+                                                               bool root, double scale) {
+  return reverse_mlp_impl(x, u, index, weights, biases, bool_vector(has_bias), acts, alphas, root, scale);
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backward_op(
     const OptTensor& grad_y, const OptTensor& grad_est, const Tensor& x, const Tensor& u, const OptTensor& index,
-    at::TensorList weights, at::TensorList saved, c10::List<bool> has_bias, bool need_x, bool root) {
+    at::TensorList weights, at::TensorList saved, c10::List<bool> has_bias, bool need_x, bool root, double scale) {
   return reverse_mlp_backward_impl(grad_y, grad_est, x, u, index, weights, saved, bool_vector(has_bias), need_x,
-                                   root);
+                                   root, scale);
 }
 
 struct ReverseMLPNames {

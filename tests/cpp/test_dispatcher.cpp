@@ -94,7 +94,7 @@ void check_numbers(const Sqnorm& sqnorm, const SqnormBackward& sqnorm_backward, 
 void check_reverse_mlp() {
   using Fn = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList, at::TensorList,
-      c10::List<bool>, at::IntArrayRef, at::ArrayRef<double>, bool);
+      c10::List<bool>, at::IntArrayRef, at::ArrayRef<double>, bool, double);
   const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::reverse_mlp", "").typed<Fn>();
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   const at::Tensor x = at::randn({5, 7}, opts), w1 = at::randn({6, 7}, opts), w2 = at::randn({3, 6}, opts);
@@ -104,14 +104,16 @@ void check_reverse_mlp() {
   c10::List<bool> has_bias({false, false});
   const std::vector<int64_t> acts = {0, 0};
   const std::vector<double> alphas = {0.0, 0.0};
-  const auto [y, est, saved] = op.call(x, u, index, weights, {}, has_bias, acts, alphas, /*root=*/false);
+  const auto [y, est, saved] = op.call(x, u, index, weights, {}, has_bias, acts, alphas, /*root=*/false, 1.0);
   const at::Tensor J = at::mm(w2, w1);
   expect_close(y, at::mm(x, J.t()), 1e-12, 1e-12, "reverse_mlp output of a linear MLP");
   expect_close(est, at::matmul(u, J).pow(2).sum({0, 2}) / 2.0, 1e-12, 1e-12,
                "reverse_mlp estimate of a linear MLP (index with a repeated row)");
   expect(saved.size() == 5, "reverse_mlp returns 3L - 1 saved tensors");
-  const auto rooted = std::get<1>(op.call(x, u, index, weights, {}, has_bias, acts, alphas, /*root=*/true));
+  const auto rooted = std::get<1>(op.call(x, u, index, weights, {}, has_bias, acts, alphas, /*root=*/true, 1.0));
   expect_close(rooted, est.sqrt(), 1e-12, 1e-12, "reverse_mlp with root=true returns the square root of est");
+  const auto scaled = std::get<1>(op.call(x, u, index, weights, {}, has_bias, acts, alphas, /*root=*/true, 0.25));
+  expect_close(scaled, est.sqrt() * 0.25, 1e-12, 1e-12, "reverse_mlp with scale=0.25 returns 0.25 sqrt(est)");
 }
 
 // grokalign::rademacher_ against its specification in ATen (grokalign_fast.probes.rademacher_reference):

@@ -161,19 +161,21 @@ def whole_mlp_op_args(steps: List[Step]):
 
 
 def whole_mlp_runner(op_name: str, steps: List[Step]):
-    """``run(x, probes, index=None, root=False) -> (y, est)`` calling the whole-MLP op
+    """``run(x, probes, index=None, root=False, scale=1.0) -> (y, est)`` calling the whole-MLP op
     ``torch.ops.grokalign.<op_name>`` (``"dual_mlp_sqnorm"`` or ``"reverse_mlp"``) on ``x``
     flattened to [B, IN] and probes [K, R, ...] flattened to [K, R, n]. With ``root`` the op
-    returns the per-row square root of the estimate (value and gradient 0 at 0). The layer
-    arguments are gathered here, once: a caller that keeps the runner (``GrokAlign``'s path
-    cache) must rebuild it when a parameter is replaced."""
+    returns the per-row square root of the estimate (value and gradient 0 at 0); ``est`` comes
+    times ``scale`` (a penalty weight folded into the op: ``weight / R`` makes ``est.sum()`` the
+    weighted mean). The layer arguments are gathered here, once: a caller that keeps the runner
+    (``GrokAlign``'s path cache) must rebuild it when a parameter is replaced."""
     op = getattr(torch.ops.grokalign, op_name)
     args = whole_mlp_op_args(steps)
 
-    def run(x: torch.Tensor, probes: torch.Tensor, index: Optional[torch.Tensor] = None, root: bool = False):
+    def run(x: torch.Tensor, probes: torch.Tensor, index: Optional[torch.Tensor] = None, root: bool = False,
+            scale: float = 1.0):
         h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
         v = probes if probes.dim() == 3 else probes.reshape(probes.shape[0], probes.shape[1], -1)
-        y, est, _ = op(h, v, index, *args, root)
+        y, est, _ = op(h, v, index, *args, root, scale)
         return y, est
 
     return run
