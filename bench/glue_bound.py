@@ -5,8 +5,9 @@
 Interleaved training steps (forward, penalty, backward, AdamW) of one MLP, ratios to a plain step:
 - `plain`: no penalty;
 - `GrokAlign`: `GrokAlign(estimator="forward", backend="cpp", subsample=0.25)` (squared=False);
-- `op only`: `grokalign::dual_mlp_sqnorm(root=True)` called directly, on probes and subsets drawn
-  once before timing (8 of each, in turn), penalty = lambda * mean(norm);
+- `op only`: `grokalign::dual_mlp_sqnorm(root=True, scale=lambda / R)` called directly, on probes and
+  subsets drawn once before timing (8 of each, in turn), penalty = the sum of its values (what
+  GrokAlign's C++ path computes);
 - `op + draws`: the same, with the probes (`probes.draw_checked`) and the subset
   (`torch.randperm`) drawn inside each step.
 
@@ -49,8 +50,8 @@ def op_step(model0, x, y, rows, draws: bool):
             idx = torch.randperm(B, generator=g)[:rows]
         else:
             v, idx = pre_v[i], pre_i[i]
-        out, norm, _ = torch.ops.grokalign.dual_mlp_sqnorm(x, v, idx, *args, True)
-        loss = F.mse_loss(out, y) + LAMBDA * norm.mean()
+        out, norm, _ = torch.ops.grokalign.dual_mlp_sqnorm(x, v, idx, *args, True, LAMBDA / rows)
+        loss = F.mse_loss(out, y) + norm.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
