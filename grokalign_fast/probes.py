@@ -72,7 +72,8 @@ def _rademacher_op():
             # tracing) only checks the argument.
             @torch.library.register_fake("grokalign::rademacher_")
             def _rademacher_fake(out, generator=None):
-                torch._check(out.dtype.is_floating_point, lambda: f"rademacher_: out must be floating point, got {out.dtype}")
+                torch._check(out.dtype.is_floating_point,
+                             lambda: f"rademacher_: out must be floating point, got {out.dtype}")
 
         _RADEMACHER_OP.append(torch.ops.grokalign.rademacher_.default if ok else None)
     return _RADEMACHER_OP[0]

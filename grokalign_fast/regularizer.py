@@ -299,13 +299,8 @@ class GrokAlign(nn.Module):
                 self.squared, id(self.generator), getattr(model, "training", None), tree)
 
     def _cached_path(self, x: torch.Tensor):
-        """``(path, compute, folds)``: the path of :meth:`_choose_path` and its per-call function
-        ``compute(x, idx) -> (model(x), values)`` (``values[r]``: the estimate of ||J||_F^2 at
-        ``x[idx[r]]``, all rows if idx is None, with ``squared=True``, else its safe square root,
-        which the whole-MLP ops take in the same pass), built once per signature with the plan, the probe drawer and, where one C++ op computes output and
-        estimate, its :func:`~grokalign_fast.ops.mlp.model.whole_mlp_runner` (layer arguments
-        gathered once). ``folds``: compute takes a third argument, a scale the op applies to
-        the values in its epilogue (the C++ whole-MLP ops)."""
+        """``(path, compute, folds)``: the path of :meth:`_choose_path` and its per-call function,
+        built once per signature by :meth:`_make_compute`."""
         sig = self._path_signature(x)
         cache = self._path_cache
         if cache is not None and cache[0] == sig:
@@ -316,6 +311,14 @@ class GrokAlign(nn.Module):
         return path, compute, folds
 
     def _make_compute(self, path: str, x: torch.Tensor):
+        """``(compute, folds)`` for ``path``: ``compute(x, idx) -> (model(x), values)``, where
+        ``values[r]`` is the estimate of ||J||_F^2 at ``x[idx[r]]`` (all rows if idx is None) with
+        ``squared=True``, else its safe square root (the whole-MLP ops take it in the same pass).
+        It binds the plan, the probe drawer (:func:`~grokalign_fast.probes.drawer`) and, where one
+        C++ op computes output and estimate, its
+        :func:`~grokalign_fast.ops.mlp.model.whole_mlp_runner` (layer arguments gathered once).
+        ``folds``: compute takes a third argument, a scale the op applies to the values in its
+        epilogue and backward seed (the C++ whole-MLP ops), so the penalty is their sum."""
         root = not self.squared
         finish = safe_sqrt if root else (lambda est: est)
         K, generator, dtype, device = self.num_probes, self.generator, x.dtype, x.device

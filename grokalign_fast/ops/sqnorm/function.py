@@ -1,5 +1,4 @@
 """Per-sample Hutchinson reduction with a per-call backend."""
-from typing import Optional
 
 import torch
 
