@@ -458,7 +458,8 @@ def test_whole_mlp_ops_aten_fallback_equals_cpu_loops(op_name, act, root):
     """The whole-MLP ops run their elementwise passes as CPU loops for float / double
     (csrc/common/pl_rows.h) and as ATen ops elsewhere (other devices, other dtypes). bfloat16 on
     the CPU takes the ATen path: from the same bfloat16 values, its outputs and gradients match
-    the float64 loops up to bfloat16 rounding (a wrong slope row or a lost mask is an O(1) error)."""
+    the float64 loops up to bfloat16 rounding (a wrong slope row, a lost mask or a lost scale is an
+    O(1) error)."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(9, 8), act, nn.Linear(8, 7, bias=False), act, nn.Linear(7, 3)).double()
     steps, _ = mlp_model.plan(model)
@@ -471,7 +472,7 @@ def test_whole_mlp_ops_aten_fallback_equals_cpu_loops(op_name, act, root):
     for dtype in (torch.bfloat16, torch.float64):
         leaves = [t.detach().to(torch.bfloat16).to(dtype).requires_grad_(True) for t in [x] + weights + biases]
         xs, ws, bs = leaves[0], leaves[1:1 + len(weights)], leaves[1 + len(weights):]
-        y, est, _ = op(xs, probes.to(torch.bfloat16).to(dtype), idx, ws, bs, has_bias, acts, alphas, root)
+        y, est, _ = op(xs, probes.to(torch.bfloat16).to(dtype), idx, ws, bs, has_bias, acts, alphas, root, 0.37)
         loss = y.sum() + est.sum()
         got[dtype] = [y, est] + list(torch.autograd.grad(loss, leaves))
     for a, b in zip(got[torch.bfloat16], got[torch.float64]):
