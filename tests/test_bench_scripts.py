@@ -1,0 +1,34 @@
+"""The benchmark scripts still run: each on its smallest setting, in a subprocess. No timing is
+asserted (timings live in bench/RESULTS.md); a script that breaks, or a fused path that stops
+matching the reference inside bench/gpu_layers.py's check, fails here."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import grokalign_fast._backends as backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPP = backends.extension_ops_reason(("dual_linear", "dual_mlp_sqnorm")) is None
+
+
+def _run(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_gpu_layers_dry_run_on_the_cpu():
+    out = _run("bench/gpu_layers.py", "--device", "cpu", "--quick", "--reps", "1")
+    assert "ok   cpp relu" in out and "ok   cpp gelu_tanh" in out
+    assert out.count("| cpp |") == 4  # float32 and bfloat16, two activations
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_glue_bound_runs():
+    out = _run("bench/glue_bound.py", "--sizes", "20-9-7-3", "--batch", "16", "--rounds", "2")
+    for row in ("| plain |", "| GrokAlign |", "| op only |", "| op + draws |"):
+        assert row in out
