@@ -20,7 +20,7 @@ For each shape (B, IN, OUT) with K = 1 tangent stream over the whole batch and e
 Writes a markdown table (stdout, and appended to --out). Not run yet: no GPU was lent to this
 task. On one, build the extension against that machine's CUDA torch first
 (`pip install -e . --no-build-isolation`; `TORCH_CUDA_ARCH_LIST=9.0` for an H100 / H200), then run
-`bench/check.py` and this script.
+this script (its check comes first) and `bench/interleaved.py` for whole training steps.
 """
 import argparse
 import os
