@@ -180,6 +180,34 @@ inline void mul_slopes(const Tensor& primal, const Tensor& tangent, const Tensor
   });
 }
 
+// out [K*R, n] row k*R + r = c[r] * src[k*R + r] for a per-row factor c [R]; out may be a row
+// block of a larger buffer (the penalty rows of the reverse op's stacked backward).
+inline void scale_rows(const Tensor& out, const Tensor& src, const Tensor& c, int64_t K, int64_t R) {
+  const bool loop = loop_ok(out) && loop_ok(src) && c.device().is_cpu() && c.dim() == 1 && c.is_contiguous() &&
+                    c.scalar_type() == out.scalar_type() && src.scalar_type() == out.scalar_type();
+  if (!loop) {
+    Tensor o = out.view({K, R, -1});
+    at::mul_out(o, src.reshape({K, R, -1}), c.view({1, R, 1}));
+    return;
+  }
+  const int64_t rows = K * R, n = out.size(1);
+  if (rows * n == 0) return;
+  const int64_t ldo = out.stride(0), lds = src.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "grokalign_pl_scale_rows", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t f = cp[i % R];
+        scalar_t* __restrict o = op + i * ldo;
+        const scalar_t* __restrict a = sp + i * lds;
+        for (int64_t j = 0; j < n; ++j) o[j] = a[j] * f;
+      }
+    });
+  });
+}
+
 // sq[r] = (1/K) sum_k ||t[k*R + r]||^2 for tangent rows t [K*R, n]; returns [R], or sqrt(sq)
 // with root (the penalty on the norm rather than its square; sqrt(0) = 0, nan stays nan), times
 // scale (a penalty weight folded into the epilogue: scale * sum_r is then the weighted mean).

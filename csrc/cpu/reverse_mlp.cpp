@@ -137,8 +137,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
   if (grad_est.has_value() && grad_est->defined()) delta_L = last_delta(u, D(L - 1), index, K, R);
   const bool has_gy = grad_y.has_value() && grad_y->defined();
   const bool has_ge = grad_est.has_value() && grad_est->defined();
-  Tensor c;  // [K*R, 1]: (2/K) grad_est[r] for every probe row (k, r)
-  if (has_ge) c = pl_rows::seed_factor(*grad_est, g, K, R, root, scale).view({1, R, 1}).expand({K, R, 1}).reshape({KR, 1});
+  Tensor c;  // [R]: the seed factor of probe rows (k, r), (2/K) grad_est[r] for the squared estimate
+  if (has_ge) c = pl_rows::seed_factor(*grad_est, g, K, R, root, scale);
   std::vector<Tensor> gw(L), gb_layer(L);
   // gamma_l [B, n_l] (the loss's backward chain) is written into the top rows of
   // G_l = [gamma_l; c delta_l] when both parts are present at a layer l > 0, so that
@@ -165,14 +165,15 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
     const int64_t n = w.size(0);
     if (stacked(l)) {
       Tensor bottom = G.narrow(0, B, KR);
-      at::mul_out(bottom, delta(l), c);
+      pl_rows::scale_rows(bottom, delta(l), c, K, R);
       gw[l] = at::mm(G.t(), S(l - 1));
     } else {
       const Tensor h_prev = l > 0 ? S(l - 1).narrow(0, 0, B) : x;
       const Tensor t_prev = l > 0 ? S(l - 1).narrow(0, B, KR) : g;
       if (has_gy) gw[l] = at::mm(gamma.t(), h_prev);
       if (has_ge) {
-        const Tensor cd = delta(l) * c;
+        const Tensor cd = at::empty_like(delta(l));
+        pl_rows::scale_rows(cd, delta(l), c, K, R);
         gw[l] = gw[l].defined() ? gw[l].addmm_(cd.t(), t_prev) : at::mm(cd.t(), t_prev);
       }
       if (!gw[l].defined()) gw[l] = at::zeros_like(w);
