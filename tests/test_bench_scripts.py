@@ -14,7 +14,7 @@ CPP = backends.extension_ops_reason(("dual_linear", "dual_mlp_sqnorm")) is None
 
 
 def _run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="2", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
@@ -25,6 +25,8 @@ def test_gpu_layers_dry_run_on_the_cpu():
     out = _run("bench/gpu_layers.py", "--device", "cpu", "--quick", "--reps", "1")
     assert "ok   cpp relu" in out and "ok   cpp gelu_tanh" in out
     assert out.count("| cpp |") == 4  # float32 and bfloat16, two activations
+    if backends.triton_unavailable_reason() is None:  # the Triton kernels, under the interpreter
+        assert "ok   triton relu" in out and out.count("| triton |") == 4
 
 
 @pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
