@@ -117,7 +117,7 @@ class GrokAlign(nn.Module):
         self.step = 0
         self._last_norm = None  # see the last_norm property
         self.last_backend: Optional[str] = None
-        # (signature, path, plan): the path chosen for the last signature (see _path_signature).
+        # (signature, path, compute, folds) for the last signature (see _path_signature, _make_compute).
         self._path_cache = None
 
     def extra_repr(self) -> str:
@@ -207,16 +207,17 @@ class GrokAlign(nn.Module):
     def _raise_nonfinite(self, values: torch.Tensor, scale: float = 1.0) -> None:
         """Raise for a non-finite penalty. ``values``: the per-sample norms, times ``scale`` where the
         op folded the weight in (a factor <= 1 cannot turn a finite norm into inf or nan)."""
-        if scale <= 1.0:
-            check_finite(values, "the Jacobian norm of the model at x")
+        bad = (~torch.isfinite(values.detach())).nonzero()[:, 0].tolist()
+        if not bad:
             raise FloatingPointError(
                 f"the penalty overflowed {values.dtype}: every per-sample Jacobian norm is finite but their "
                 f"weighted mean is not (weight={self.weight}, every={self.every}); lower the weight or use a "
                 "wider dtype"
             )
-        bad = (~torch.isfinite(values.detach())).nonzero()[:, 0].tolist()[:8]
+        if scale <= 1.0:
+            check_finite(values, "the Jacobian norm of the model at x")
         raise FloatingPointError(
-            f"the penalty is not finite in {values.dtype} (samples {bad}): the Jacobian norm there is not "
+            f"the penalty is not finite in {values.dtype} (samples {bad[:8]}): the Jacobian norm there is not "
             f"finite, or weight * every / rows = {scale:g} makes it overflow; lower the weight or use a wider dtype"
         )
 

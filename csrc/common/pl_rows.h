@@ -208,6 +208,31 @@ inline void scale_rows(const Tensor& out, const Tensor& src, const Tensor& c, in
   });
 }
 
+// The loop of probe_sqnorm, shared with the standalone op grokalign::probe_sqnorm
+// (csrc/cpu/probe_sqnorm_cpu.cpp, which also serves float16 / bfloat16): rows t [K*R, n] at row
+// stride ld, out[r] = scale * f((1/K) sum_k ||t[k*R + r]||^2), f = sqrt with root, accumulated in
+// at::acc_type (double for float, float for the half types).
+template <typename scalar_t>
+void sum_sq_rows(const scalar_t* tp, int64_t ld, int64_t n, int64_t K, int64_t R, bool root, double scale,
+                 scalar_t* out) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  at::parallel_for(0, R, grain_rows(K * n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t acc[4] = {0, 0, 0, 0};  // four partial sums: independent chains pipeline
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t* row = tp + (k * R + r) * ld;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4)
+          for (int q = 0; q < 4; ++q) acc[q] += static_cast<acc_t>(row[j + q]) * static_cast<acc_t>(row[j + q]);
+        for (; j < n; ++j) acc[0] += static_cast<acc_t>(row[j]) * static_cast<acc_t>(row[j]);
+      }
+      const acc_t v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<acc_t>(K);
+      const scalar_t f = static_cast<scalar_t>(root ? std::sqrt(v) : v);
+      out[r] = scale == 1.0 ? f : static_cast<scalar_t>(f * static_cast<scalar_t>(scale));
+    }
+  });
+}
+
 // sq[r] = (1/K) sum_k ||t[k*R + r]||^2 for tangent rows t [K*R, n]; returns [R], or sqrt(sq)
 // with root (the penalty on the norm rather than its square; sqrt(0) = 0, nan stays nan), times
 // scale (a penalty weight folded into the epilogue: scale * sum_r is then the weighted mean).
@@ -217,27 +242,9 @@ inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = fa
     if (root) sq.sqrt_();
     return scale == 1.0 ? sq : sq.mul_(scale);
   }
-  const int64_t n = t.size(1), ld = t.stride(0);
   Tensor sq = at::empty({R}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_pl_probe_sqnorm", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    scalar_t* out = sq.data_ptr<scalar_t>();
-    at::parallel_for(0, R, grain_rows(K * n), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        acc_t acc[4] = {0, 0, 0, 0};  // four partial sums: independent chains pipeline
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* row = tp + (k * R + r) * ld;
-          int64_t j = 0;
-          for (; j + 4 <= n; j += 4)
-            for (int q = 0; q < 4; ++q) acc[q] += static_cast<acc_t>(row[j + q]) * static_cast<acc_t>(row[j + q]);
-          for (; j < n; ++j) acc[0] += static_cast<acc_t>(row[j]) * static_cast<acc_t>(row[j]);
-        }
-        const acc_t v = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<acc_t>(K);
-        const scalar_t f = static_cast<scalar_t>(root ? std::sqrt(v) : v);
-        out[r] = scale == 1.0 ? f : f * static_cast<scalar_t>(scale);
-      }
-    });
+    sum_sq_rows(t.data_ptr<scalar_t>(), t.stride(0), t.size(1), K, R, root, scale, sq.data_ptr<scalar_t>());
   });
   return sq;
 }

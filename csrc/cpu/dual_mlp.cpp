@@ -111,9 +111,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     top.zero_();
   }
   if (grad_sq.has_value() && grad_sq->defined()) {
-    const Tensor c = pl_rows::seed_factor(*grad_sq, tL, K, R, root, scale).view({1, R, 1});
-    Tensor bottom3 = bottom.view({K, R, -1});
-    at::mul_out(bottom3, tL.view({K, R, -1}), c);
+    const Tensor c = pl_rows::seed_factor(*grad_sq, tL, K, R, root, scale);
+    pl_rows::scale_rows(bottom, tL, c, K, R);
     mul_slopes(Tensor(), bottom, dL, index, K, R);
   } else {
     bottom.zero_();

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "common/pl_rows.h"
+
 namespace grokalign {
 
 static void check_probe_stack(const at::Tensor& g) {
@@ -21,24 +23,7 @@ at::Tensor probe_sqnorm_cpu(const at::Tensor& g_in) {
   const int64_t P = g.size(0), B = g.size(1), N = g.size(2);
   at::Tensor out = at::empty({B}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "probe_sqnorm_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        acc_t acc = 0;
-        for (int64_t p = 0; p < P; ++p) {
-          const scalar_t* row = gp + (p * B + b) * N;
-          acc_t s = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            const acc_t v = static_cast<acc_t>(row[n]);
-            s += v * v;
-          }
-          acc += s;
-        }
-        op[b] = static_cast<scalar_t>(acc / static_cast<acc_t>(P));
-      }
-    });
+    pl_rows::sum_sq_rows(g.data_ptr<scalar_t>(), N, N, P, B, /*root=*/false, /*scale=*/1.0, out.data_ptr<scalar_t>());
   });
   return out;
 }
