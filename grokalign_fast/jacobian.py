@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import _backends
 from ._validation import (
@@ -72,6 +73,42 @@ def _vjps(out: torch.Tensor, x_: torch.Tensor, cotangents, create_graph: bool) -
     return torch.stack(grads)
 
 
+class _ExplicitLayerNorm(TorchFunctionMode):
+    """``F.layer_norm`` as its formula ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    PyTorch's own layer norm has a wrong second-order forward-mode derivative (pytorch/pytorch
+    #196700, seen with torch 2.13 on the CPU): the gradient of a ``torch.func.jvp`` product with
+    respect to anything before the layer norm is wrong, so the penalty's parameter gradient would
+    be. The reference's forward-mode products run layer norms through this mode; plain autograd
+    (double backward) through the native op is correct and unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            x = args[0]
+            shape = tuple(args[1] if len(args) > 1 else kwargs["normalized_shape"])
+            weight = args[2] if len(args) > 2 else kwargs.get("weight")
+            bias = args[3] if len(args) > 3 else kwargs.get("bias")
+            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+            dims = tuple(range(-len(shape), 0))
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+            out = (x - mean) * torch.rsqrt(var + eps)
+            if weight is not None:
+                out = out * weight
+            if bias is not None:
+                out = out + bias
+            return out
+        return func(*args, **kwargs)
+
+
+def _explicit_norms(f):
+    def g(*a):
+        with _ExplicitLayerNorm():
+            return f(*a)
+
+    return g
+
+
 def _jvps(f, x: torch.Tensor, tangents) -> Tuple[torch.Tensor, torch.Tensor]:
     """Primal output and stacked ``J v_p`` for each tangent: ([B, ...], [P, B, ...]).
 
@@ -80,6 +117,7 @@ def _jvps(f, x: torch.Tensor, tangents) -> Tuple[torch.Tensor, torch.Tensor]:
     numbers, one batched pass), else computed one by one (e.g. random layers
     such as dropout, which vmap refuses).
     """
+    f = _explicit_norms(f)
     primal, t0 = torch.func.jvp(f, (x,), (tangents[0],))
     primal = check_batch_output(primal, x.shape[0])
     if len(tangents) == 1:
@@ -179,6 +217,44 @@ def sq_norm_estimate(
             est = est * scale
     if not create_graph:
         out, est = out.detach(), est.detach()
+    return out, est
+
+
+def penalty_estimate(
+    f: Callable,
+    x: torch.Tensor,
+    index: Optional[torch.Tensor] = None,
+    *,
+    estimator: str = "reverse",
+    num_probes: int = 1,
+    probes: str = "auto",
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference path of a training penalty: ``(f(x), est)`` with ``est[r]`` the estimate of
+    ``||J||_F^2`` at ``x[index[r]]`` (every row when ``index`` is None), differentiable.
+
+    The output is the plain forward on the whole batch. A model with batch statistics or dropout
+    (:func:`~grokalign_fast.dual.batch_stats.has_batch_dependence`) gets the per-sample Jacobian with
+    the batch's statistics and masks held constant, the definition the dual-stream engine uses: the
+    plain forward records them and the estimate replays them (one more forward). Otherwise, without
+    ``index``, one forward serves both.
+    """
+    from .dual.batch_stats import BatchStatistics, has_batch_dependence
+
+    kw = dict(estimator=estimator, num_probes=num_probes, probes=probes, generator=generator, backend="auto",
+              create_graph=True)
+    if has_batch_dependence(f):
+        stats = BatchStatistics(f)
+        with stats.record():
+            out = check_batch_output(f(x), x.shape[0])
+        rows = x if index is None else x.index_select(0, index)
+        with stats.replay(index):
+            _, est = sq_norm_estimate(f, rows, **kw)
+        return out, est
+    if index is None:
+        return sq_norm_estimate(f, x, **kw)
+    out = f(x)
+    _, est = sq_norm_estimate(f, x.index_select(0, index), **kw)
     return out, est
 
 

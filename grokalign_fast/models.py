@@ -50,3 +50,82 @@ def scale_(model: nn.Module, factor: float) -> nn.Module:
         for p in model.parameters():
             p.mul_(factor)
     return model
+
+
+def cnn6(in_channels: int = 3, classes: int = 10, *, width: int = 32, size: int = 32, batch_norm: bool = False,
+         bias: bool = True) -> nn.Sequential:
+    """The 6-convolution CNN of the CIFAR-10 experiments: three stages of two 3x3 convolutions (width,
+    2 width, 4 width channels, ReLU, optionally BatchNorm after each convolution) each followed by a
+    2x2 max-pool, then a Linear classifier on the flattened ``4 width x size/8 x size/8`` features.
+
+    Args:
+        in_channels, classes: input channels and outputs.
+        width: channels of the first stage.
+        size: input height and width (a multiple of 8).
+        batch_norm: BatchNorm2d after each convolution.
+        bias: convolutions and the classifier carry biases.
+    """
+    if size % 8:
+        raise ValueError(f"size must be a multiple of 8 (three 2x2 max-pools), got {size}")
+    layers: List[nn.Module] = []
+    c = in_channels
+    for stage in range(3):
+        out = width * 2 ** stage
+        for _ in range(2):
+            layers.append(nn.Conv2d(c, out, 3, padding=1, bias=bias and not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU())
+            c = out
+        layers.append(nn.MaxPool2d(2))
+    side = size // 8
+    layers += [nn.Flatten(), nn.Linear(c * side * side, classes, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with BatchNorm, ReLU, and the identity (or a 1x1
+    convolution with BatchNorm where the shape changes) added before the last ReLU."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return torch.relu(out)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs (CIFAR): a 3x3 stem without max-pool, four stages of two
+    :class:`BasicBlock` (width, 2, 4, 8 width channels; stride 2 from the second stage), global
+    average pooling and a Linear classifier. ``width=64`` is the standard network."""
+
+    def __init__(self, in_channels: int = 3, classes: int = 10, *, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        blocks: List[nn.Module] = []
+        c = width
+        for stage in range(4):
+            out = width * 2 ** stage
+            for i in range(2):
+                blocks.append(BasicBlock(c, out, stride=2 if (stage > 0 and i == 0) else 1))
+                c = out
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)

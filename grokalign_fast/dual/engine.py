@@ -1,0 +1,184 @@
+r"""Running a model on the dual stream: every torch function it calls goes through its rule.
+
+:func:`run` stacks the input and the tangent probes (``[x; V]``, see :mod:`.streams`), calls the
+model once inside :class:`DualMode`, and reduces the tangent rows of the output to the per-row
+Hutchinson estimate ``(1/K) sum_k ||J(x[index[r]]) V[k, r]||^2``. The model's own ``forward`` runs
+unchanged: its Python control flow, its submodules' state updates (BatchNorm's running statistics,
+dropout's random numbers) happen once, on the primal rows, exactly as in a plain call.
+
+:class:`DualMode` is a ``TorchFunctionMode``: a call with a dual argument goes to the rule of its
+function (:mod:`.rules`), or, with none, to :mod:`.fallback` (with a one-time warning naming the
+function). Calls without dual arguments (parameter arithmetic, buffer updates) run as they are.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Callable, Optional, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import fallback
+from .rules import lookup
+from .streams import SampleMixingError, Streams
+
+# Tensor attributes and methods that read metadata: they run on the stacked value as they are.
+_METADATA_ATTRS = frozenset({
+    "shape", "dtype", "device", "requires_grad", "ndim", "is_cuda", "is_cpu", "is_mps", "layout", "grad_fn",
+    "is_leaf", "names", "is_sparse", "is_quantized", "is_meta", "itemsize", "nbytes", "is_nested", "grad",
+    "output_nr", "_version", "_base", "is_mkldnn",
+})
+_METADATA_METHODS = frozenset(
+    getattr(torch.Tensor, n) for n in (
+        "size", "dim", "numel", "__len__", "stride", "is_floating_point", "is_contiguous", "element_size",
+        "data_ptr", "storage_offset", "ndimension", "nelement", "get_device", "is_complex", "__format__",
+        "__repr__", "__hash__", "untyped_storage", "is_signed", "__bool__",
+    ) if hasattr(torch.Tensor, n)
+)
+_WARNED: Set[str] = set()
+
+
+def func_name(func) -> str:
+    """A readable name of a torch function, method or attribute getter."""
+    owner = getattr(func, "__self__", None)
+    if owner is not None and hasattr(owner, "__objclass__") and hasattr(owner, "__name__"):
+        return f"Tensor.{owner.__name__}"
+    name = getattr(func, "__name__", None) or repr(func)
+    qualname = getattr(func, "__qualname__", "") or ""
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch.nn.functional") or getattr(F, name, None) is func:
+        return f"F.{name}"
+    if "TensorBase" in qualname or qualname.startswith("Tensor."):
+        return f"Tensor.{name}"
+    if getattr(torch, name, None) is func:
+        return f"torch.{name}"
+    return f"{module}.{qualname or name}" if module else name
+
+
+def _getset_name(func) -> Optional[str]:
+    owner = getattr(func, "__self__", None)
+    if owner is not None and getattr(func, "__name__", "") == "__get__":
+        return getattr(owner, "__name__", None)
+    return None
+
+
+def _has_dual(ctx: Streams, args, kwargs) -> bool:
+    for a in args:
+        if ctx.is_dual(a):
+            return True
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if ctx.is_dual(b):
+                    return True
+    if kwargs:
+        for a in kwargs.values():
+            if ctx.is_dual(a):
+                return True
+    return False
+
+
+def _is_inplace_method(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and getattr(torch.Tensor, name, None) is func
+
+
+class DualMode(TorchFunctionMode):
+    """Dispatch every torch call with a dual argument to its rule. ``counts``: calls per rule name
+    (and ``"fallback:<function>"`` for functions without a rule); ``strict``: raise instead of
+    falling back, naming the function; ``warned``: the function names already warned about."""
+
+    def __init__(self, ctx: Streams, *, strict: bool = False, warned: Optional[Set[str]] = None):
+        super().__init__()
+        self.ctx = ctx
+        self.strict = strict
+        self.warned = _WARNED if warned is None else warned
+        self.counts: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ctx = self.ctx
+        if not _has_dual(ctx, args, kwargs) or func in _METADATA_METHODS:
+            return func(*args, **kwargs)
+        attr = _getset_name(func)
+        if attr is not None:
+            if attr in _METADATA_ATTRS:
+                return func(*args, **kwargs)
+            if attr in ("T", "mT", "H", "mH"):
+                raise SampleMixingError(f"the model takes Tensor.{attr} of a value, which moves the batch dimension")
+        rule = lookup(func)
+        if rule is not None:
+            out = rule.fn(ctx, func, args, kwargs)
+            if out is not None:
+                self.counts[rule.name] += 1
+                return self._inplace(func, args, out)
+        name = func_name(func)
+        if self.strict:
+            raise NoRuleError(name)
+        self.counts["fallback:" + name] += 1
+        if name not in self.warned:
+            self.warned.add(name)
+            warnings.warn(
+                f"grokalign_fast.dual: no rule for {name}; its tangent is computed by torch.func.jvp on the "
+                "tangent rows' primal values (correct for functions that keep samples apart, slower)",
+                stacklevel=2,
+            )
+        return self._inplace(func, args, fallback.call(ctx, func, args, kwargs))
+
+    def _inplace(self, func, args, out):
+        """An in-place method's result is written back into its first argument, as the plain call would."""
+        if _is_inplace_method(func) and isinstance(out, torch.Tensor) and args and args[0] is not out:
+            target = args[0]
+            if target.shape == out.shape:
+                target.copy_(out)
+                return self.ctx.mark(target)
+        return out
+
+
+class NoRuleError(RuntimeError):
+    def __init__(self, name: str):
+        super().__init__(f"no dual-stream rule for {name}")
+        self.name = name
+
+
+def run(
+    model: Callable,
+    x: torch.Tensor,
+    V: torch.Tensor,
+    index: Optional[torch.Tensor] = None,
+    *,
+    strict: bool = False,
+    warned: Optional[Set[str]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Counter]:
+    """Run ``model`` on the dual stream.
+
+    Args:
+        model: maps ``[B, ...]`` to ``[B, ...]`` with samples independent.
+        x: the primal batch ``[B, ...]``.
+        V: tangent probes ``[K, R, *x.shape[1:]]``; stream k of row r rides on ``x[index[r]]``.
+        index: ``[R]`` long, or None for every row (R = B).
+        strict: raise :class:`NoRuleError` for a function without a rule instead of falling back.
+        warned: the names already warned about (the fallback warns once per name in this set; a
+            planner keeps one set per plan); None: one set for the process.
+
+    Returns:
+        ``(y, sq, counts)``: the model's output ``[B, ...]``, ``sq[r] = (1/K) sum_k ||J V[k, r]||^2``
+        ``[R]``, and the calls per rule.
+    """
+    B, K, R = x.shape[0], V.shape[0], V.shape[1]
+    ctx = Streams(B, K, R, index)
+    s = ctx.mark(torch.cat([x, V.reshape((K * R,) + tuple(x.shape[1:]))]))
+    mode = DualMode(ctx, strict=strict, warned=warned)
+    with mode:
+        out = model(s)
+    if not ctx.is_dual(out):
+        raise SampleMixingError(
+            f"the model's output on the dual stream is not a per-sample value ({type(out).__name__} of shape "
+            f"{list(getattr(out, 'shape', []))}); it must return a tensor [B, ...] computed from x"
+        )
+    y, t, m = ctx.split(out)
+    if m != 1:
+        raise SampleMixingError(f"the model's output has {out.shape[0]} rows for a batch of {B}")
+    sq = t.reshape(K, R, -1).pow(2).sum(dim=(0, 2)) / K
+    return y, sq, mode.counts

@@ -1,0 +1,256 @@
+r"""The planner: one decision per model and input signature of which path computes the penalty.
+
+:class:`Planner` (one per :class:`~grokalign_fast.GrokAlign`) returns a :class:`Plan` for an input:
+the backend that runs, why each faster backend could not serve, and ``run(x, index, scale)``. Plans
+are cached per signature (the input's per-sample shape, dtype and device, the train/eval mode and
+every parameter's identity, dtype, device and ``requires_grad``): building one traces the model,
+checks the fused ops' requirements and binds the probe drawer and the op's arguments once.
+
+Backends (``backend=``), fastest first:
+
+- ``"cpp"``: the C++ extension's fused ops, for MLP chains (:func:`~grokalign_fast.dual.trace.mlp_chain`):
+  forward estimator: ``grokalign::dual_mlp_sqnorm`` (one op for a piecewise-linear MLP) or the
+  per-layer ``grokalign::dual_linear*`` ops (smooth activations); reverse estimator:
+  ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
+- ``"triton"``: the forward estimator's per-layer Triton kernels, for MLP chains. ``"auto"`` never
+  picks them under Triton's CPU interpreter.
+- ``"dual"``: plain PyTorch ops in one pass. Forward estimator: the dual-stream engine
+  (:func:`~grokalign_fast.dual.engine.run`) on any model (convolutions, norms, pooling, residual
+  connections, custom ``forward``); reverse estimator: the one-pass output-space path of
+  piecewise-linear MLPs (:mod:`grokalign_fast.ops.mlp.reverse`).
+- ``"reference"``: the autograd / ``torch.func`` estimators of :mod:`grokalign_fast.jacobian`,
+  any estimator on any model (an extra forward and a double backward).
+
+``"auto"`` takes the first that can serve. A backend asked for by name never falls back: it raises
+:class:`~grokalign_fast.BackendUnavailableError` with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import _backends
+from ..jacobian import penalty_estimate, safe_sqrt
+from ..ops.mlp import model as mlp_model
+from ..ops.mlp import reverse as mlp_reverse
+from ..probes import drawer, resolve_probes
+from . import engine
+from .trace import mlp_chain
+
+BACKENDS = ("auto", "reference", "dual", "cpp", "triton")
+ORDER = ("cpp", "triton", "dual", "reference")
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@dataclass
+class Plan:
+    """How the penalty is computed for one signature.
+
+    ``run(x, index, scale) -> (model(x), values)``: ``values[r] = scale * est`` at row ``x[index[r]]``
+    (every row when ``index`` is None), where ``est`` is the estimate of ``||J||_F^2`` or, with
+    ``squared=False``, its square root (value and gradient 0 at 0). With ``scale = weight / R`` the
+    penalty is ``values.sum()``.
+    """
+
+    estimator: str
+    backend: str
+    reasons: Dict[str, Optional[str]]
+    run: Callable
+    description: str = ""
+    counts: Dict[str, int] = field(default_factory=dict)
+
+
+class Planner:
+    """Plans (cached per signature) for one model and one set of estimator settings."""
+
+    def __init__(self, model, *, estimator: str, backend: str, num_probes: int, probes: str, squared: bool,
+                 generator: Optional[torch.Generator]):
+        self.model = model
+        self.estimator = estimator
+        self.backend = check_backend(backend)
+        self.num_probes, self.probes, self.squared, self.generator = num_probes, probes, squared, generator
+        self._cache: Optional[Tuple[tuple, Plan]] = None
+
+    def signature(self, x: torch.Tensor) -> tuple:
+        """The input's per-sample shape, dtype and device, the train/eval mode, and the module tree
+        with each parameter's identity, dtype, device and ``requires_grad`` (ids, not the tensors:
+        comparing tensors would compare values)."""
+        model = self.model
+        tree = []
+        if isinstance(model, nn.Module):
+            stack = [model]
+            while stack:
+                m = stack.pop()
+                if m is None:
+                    continue
+                tree.append((id(m), m.training))
+                for p in m._parameters.values():
+                    if p is not None:
+                        tree += (id(p), p.dtype, p.device, p.requires_grad)
+                stack.extend(m._modules.values())
+        else:
+            tree.append(id(model))
+        return (x.shape[1:], x.dtype, x.device, tuple(tree))
+
+    def plan(self, x: torch.Tensor) -> Plan:
+        sig = self.signature(x)
+        cache = self._cache
+        if cache is not None and cache[0] == sig:
+            return cache[1]
+        plan = make_plan(self.model, x, estimator=self.estimator, backend=self.backend,
+                         num_probes=self.num_probes, probes=self.probes, squared=self.squared,
+                         generator=self.generator)
+        self._cache = (sig, plan)
+        return plan
+
+
+def output_size(model, x: torch.Tensor) -> int:
+    """Outputs per sample of ``model`` at ``x``, from one sample, leaving no trace: no gradient, and the
+    random numbers and the buffers (BatchNorm's running statistics) restored."""
+    steps, _ = mlp_chain(model)
+    if steps is not None:
+        return [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, nn.Module) else []
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            if isinstance(model, nn.Module):
+                model.eval()  # one sample through a train-mode BatchNorm has no statistics
+            return model(x[:1]).numel()
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+
+
+def auto_estimator(model, x: torch.Tensor) -> str:
+    """``"reverse"`` when the model has no more outputs than inputs per sample, else ``"forward"``:
+    both cost one extra pass per probe, and the smaller space gives the lower variance (for probes on
+    the sphere of radius sqrt(n) the variance of the estimate of ||J||_F^2 = tr(A) is
+    2 n/(n+2) (||A||_F^2 - tr(A)^2 / n), with A = J J^T (n = C) or J^T J (n = D))."""
+    return "reverse" if output_size(model, x) <= x[0].numel() else "forward"
+
+
+def _chain_reasons(model, x: torch.Tensor, estimator: str) -> Tuple[Optional[list], Dict[str, Optional[str]]]:
+    """The MLP chain of ``model`` (or None) and, per fused backend, why it cannot serve."""
+    training = bool(getattr(model, "training", False))
+    steps, chain_reason = mlp_chain(model)
+    fused = "the fused {} kernels serve MLP chains (nn.Linear and activations): {}"
+    if estimator == "forward":
+        if steps is None:
+            reasons = {"cpp": fused.format("C++", chain_reason), "triton": fused.format("Triton", chain_reason)}
+        else:
+            per_backend = mlp_model.unavailable_reasons(model, x, steps)
+            reasons = {"cpp": per_backend["cpp"], "triton": per_backend["triton"]}
+            if per_backend["reference"] is not None:  # the shapes do not fit the chain
+                reasons = {"cpp": per_backend["reference"], "triton": per_backend["reference"]}
+        reasons["dual"] = None
+        return steps, reasons
+    if estimator == "reverse":
+        why_triton = 'the Triton kernels compute the forward (input-space) estimator, not "reverse"'
+        if steps is None:
+            reasons = {"cpp": fused.format("C++", chain_reason), "triton": why_triton,
+                       "dual": ("the dual-stream engine computes the forward (input-space) estimator; the one-pass "
+                                f"output-space path serves piecewise-linear MLP chains: {chain_reason}")}
+            return None, reasons
+        reason = mlp_reverse.unavailable_reason(steps, training)
+        if reason is None:
+            reason = mlp_model.unavailable_reasons(model, x, steps)["reference"]
+        reasons = {"dual": reason, "triton": why_triton,
+                   "cpp": reason or mlp_reverse.cpp_unavailable_reason(x)}
+        return steps, reasons
+    why = f'the one-pass paths compute the forward or reverse estimator, not "{estimator}"'
+    return steps, {"cpp": why, "triton": why, "dual": why}
+
+
+def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probes: int, probes: str,
+              squared: bool, generator: Optional[torch.Generator]) -> Plan:
+    """Choose the backend for ``model`` at ``x`` and bind its per-call function (see :class:`Plan`)."""
+    check_backend(backend)
+    steps, reasons = _chain_reasons(model, x, estimator)
+    reasons["reference"] = None
+    if backend == "auto":
+        chosen = next(name for name in ORDER if reasons[name] is None
+                      and not (name == "triton" and _backends.triton_interpreted()))
+    else:
+        if reasons[backend] is not None:
+            raise _backends.BackendUnavailableError(
+                f"backend={backend!r} cannot compute the {estimator!r} estimator for this model: {reasons[backend]}")
+        chosen = backend
+    run, description = _runner(model, x, steps, estimator, chosen, num_probes, probes, squared, generator)
+    return Plan(estimator, chosen, reasons, run, description)
+
+
+def _runner(model, x, steps, estimator, backend, K, probes, squared, generator):
+    root = not squared
+    dtype, device = x.dtype, x.device
+    in_shape = tuple(x.shape[1:])
+
+    def finish(est, scale):
+        values = safe_sqrt(est) if root else est
+        return values if scale == 1.0 else values * scale
+
+    def rows(x, index):
+        return x.shape[0] if index is None else index.shape[0]
+
+    if backend == "reference":
+        def run(x, index=None, scale=1.0):
+            out, est = penalty_estimate(model, x, index, estimator=estimator, num_probes=K, probes=probes,
+                                        generator=generator)
+            return out, finish(est, scale)
+
+        return run, f"the {estimator} estimator by autograd / torch.func (jacobian.penalty_estimate)"
+
+    if estimator == "reverse":
+        C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
+        draw = drawer(resolve_probes(probes, "reverse"), K, (C,), C, dtype=dtype, device=device, generator=generator)
+        if backend == "cpp":
+            op = mlp_model.whole_mlp_runner("reverse_mlp", steps)
+
+            def run(x, index=None, scale=1.0):
+                return op(x, draw(rows(x, index)), index, root, scale)
+
+            return run, "grokalign::reverse_mlp (one op for the whole MLP)"
+
+        def run(x, index=None, scale=1.0):
+            out, est = mlp_reverse.reverse_forward(steps, x, draw(rows(x, index)), index, implementation="python")
+            return out, finish(est, scale)
+
+        return run, "the one-pass output-space MLP path in plain PyTorch"
+
+    draw = drawer(resolve_probes(probes, "forward"), K, in_shape, math.prod(in_shape), dtype=dtype, device=device,
+                  generator=generator)
+    training = bool(getattr(model, "training", False))
+    if backend == "cpp" and mlp_model.whole_mlp_reason(steps, training, x) is None:
+        op = mlp_model.whole_mlp_runner("dual_mlp_sqnorm", steps)
+
+        def run(x, index=None, scale=1.0):
+            return op(x, draw(rows(x, index)), index, root, scale)
+
+        return run, "grokalign::dual_mlp_sqnorm (one op for the whole MLP)"
+    if backend in ("cpp", "triton"):
+        def run(x, index=None, scale=1.0):
+            out, est = mlp_model.dual_forward(steps, x, draw(rows(x, index)), index=index, training=training,
+                                              backend=backend, checked=True)
+            return out, finish(est, scale)
+
+        return run, f"the per-layer {backend} ops grokalign::dual_linear*"
+
+    def run(x, index=None, scale=1.0):
+        out, est, counts = engine.run(model, x, draw(rows(x, index)), index)
+        run.counts = counts
+        return out, finish(est, scale)
+
+    run.counts = {}
+    return run, "the dual-stream engine (grokalign_fast.dual.engine)"

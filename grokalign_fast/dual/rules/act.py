@@ -1,0 +1,130 @@
+r"""Pointwise activations and dropout: ``y = s(z)``, ``t' = s'(z) * t`` with z the primal row's value.
+
+- Positively homogeneous activations (ReLU, leaky ReLU) and dropout are ``y = d(z) * z`` with a
+  slope ``d`` that is piecewise constant in z: the whole stacked buffer is multiplied by the
+  primal rows' slope in one pass (:meth:`Streams.scale`), and autograd saves only the slope (a
+  bool mask for ReLU). No gradient flows through the mask.
+- Smooth activations: the primal runs the plain function, the tangent rows take ``s'(z)`` of
+  their primal row, and training differentiates through ``s'`` (it needs ``s''``, which autograd
+  derives from the closed forms of :mod:`grokalign_fast.ops.mlp.reference`).
+- Dropout draws its mask once, for the primal rows, with the same random numbers the plain call
+  draws; each tangent row takes its primal row's mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...ops.mlp.reference import act_d1
+from . import method, register
+from ._args import arg
+from ..streams import Streams
+
+
+def smooth(ctx: Streams, z: torch.Tensor, value, slope) -> torch.Tensor:
+    """The dual result of a smooth pointwise map: ``value(z_p)`` on the primal rows and
+    ``slope(z_p)[row] * t`` on the tangent rows."""
+    z_p, t, m = ctx.split(z)
+    return ctx.join(value(z_p), t * ctx.rows(slope(z_p), m))
+
+
+@register("relu", F.relu, torch.relu, method("relu"), F.relu_, torch.relu_, method("relu_"))
+def relu(ctx: Streams, func, args, kwargs):
+    z = arg(args, kwargs, 0, "input")
+    z_p, _, _ = ctx.split(z)
+    return ctx.scale(z, z_p > 0)
+
+
+@register("leaky_relu", F.leaky_relu, F.leaky_relu_, torch._C._nn.leaky_relu)
+def leaky_relu(ctx: Streams, func, args, kwargs):
+    z = arg(args, kwargs, 0, "input")
+    slope = float(arg(args, kwargs, 1, "negative_slope", 0.01))
+    z_p, _, _ = ctx.split(z)
+    d = torch.where(z_p > 0, torch.ones((), dtype=z.dtype, device=z.device),
+                    torch.full((), slope, dtype=z.dtype, device=z.device))
+    return ctx.scale(z, d)
+
+
+@register("gelu", F.gelu)
+def gelu(ctx: Streams, func, args, kwargs):
+    z = arg(args, kwargs, 0, "input")
+    approximate = arg(args, kwargs, 1, "approximate", "none")
+    name = "gelu_tanh" if approximate == "tanh" else "gelu"
+    return smooth(ctx, z, lambda v: F.gelu(v, approximate=approximate), lambda v: act_d1(v, name))
+
+
+@register("silu", F.silu)
+def silu(ctx: Streams, func, args, kwargs):
+    return smooth(ctx, arg(args, kwargs, 0, "input"), F.silu, lambda v: act_d1(v, "silu"))
+
+
+@register("tanh", torch.tanh, method("tanh"), F.tanh)
+def tanh(ctx: Streams, func, args, kwargs):
+    return smooth(ctx, arg(args, kwargs, 0, "input"), torch.tanh, lambda v: act_d1(v, "tanh"))
+
+
+@register("sigmoid", torch.sigmoid, method("sigmoid"), F.sigmoid)
+def sigmoid(ctx: Streams, func, args, kwargs):
+    return smooth(ctx, arg(args, kwargs, 0, "input"), torch.sigmoid, lambda v: act_d1(v, "sigmoid"))
+
+
+@register("elu", F.elu)
+def elu(ctx: Streams, func, args, kwargs):
+    z = arg(args, kwargs, 0, "input")
+    alpha = float(arg(args, kwargs, 1, "alpha", 1.0))
+    return smooth(ctx, z, lambda v: F.elu(v, alpha),
+                  lambda v: torch.where(v > 0, torch.ones_like(v), alpha * torch.exp(torch.clamp(v, max=0))))
+
+
+@register("softplus", F.softplus)
+def softplus(ctx: Streams, func, args, kwargs):
+    z = arg(args, kwargs, 0, "input")
+    beta = float(arg(args, kwargs, 1, "beta", 1.0))
+    threshold = float(arg(args, kwargs, 2, "threshold", 20.0))
+
+    def slope(v):
+        return torch.where(v * beta > threshold, torch.ones_like(v), torch.sigmoid(v * beta))
+
+    return smooth(ctx, z, lambda v: F.softplus(v, beta, threshold), slope)
+
+
+@register("hardtanh", F.hardtanh, F.relu6)
+def hardtanh(ctx: Streams, func, args, kwargs):
+    z = arg(args, kwargs, 0, "input")
+    if func is F.relu6:
+        lo, hi = 0.0, 6.0
+    else:
+        lo, hi = float(arg(args, kwargs, 1, "min_val", -1.0)), float(arg(args, kwargs, 2, "max_val", 1.0))
+    return smooth(ctx, z, lambda v: torch.clamp(v, lo, hi), lambda v: ((v > lo) & (v < hi)).to(v.dtype))
+
+
+def _dropout(ctx: Streams, func, args, kwargs, mask_fn):
+    z = arg(args, kwargs, 0, "input")
+    p = float(arg(args, kwargs, 1, "p", 0.5))
+    training = bool(arg(args, kwargs, 2, "training", True))
+    if not training or p == 0.0:
+        return z
+    z_p, _, _ = ctx.split(z)
+    # The plain call's random numbers: dropout of ones of the primal rows' shape is its mask, scaled.
+    mask = mask_fn(torch.ones_like(z_p), p, True)
+    return ctx.scale(z, mask)
+
+
+@register("dropout", F.dropout)
+def dropout(ctx, func, args, kwargs):
+    return _dropout(ctx, func, args, kwargs, F.dropout)
+
+
+@register("dropout", F.dropout1d)
+def dropout1d(ctx, func, args, kwargs):
+    return _dropout(ctx, func, args, kwargs, F.dropout1d)
+
+
+@register("dropout", F.dropout2d)
+def dropout2d(ctx, func, args, kwargs):
+    return _dropout(ctx, func, args, kwargs, F.dropout2d)
+
+
+@register("dropout", F.dropout3d)
+def dropout3d(ctx, func, args, kwargs):
+    return _dropout(ctx, func, args, kwargs, F.dropout3d)

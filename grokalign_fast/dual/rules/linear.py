@@ -1,0 +1,97 @@
+r"""Linear maps of the input: ``F.linear``, convolutions and matmul.
+
+``y = x W^T + b`` (or ``y = W * x + b`` for a convolution): the weights act on every stacked row
+at once, ``t' = W t``, and the bias lands on the primal rows only (PAPER.md, "Forward-mode JVP
+through common layers"). One GEMM / convolution call covers the primal and every tangent stream,
+so the weights are read once. When both factors of a matmul carry tangents (attention scores),
+the product rule gives ``(a b)' = a' b + a b'``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from . import method, register
+from ._args import arg, replace_arg
+from ..streams import Streams
+
+
+def _add_bias_to_primal(ctx: Streams, out: torch.Tensor, bias: torch.Tensor, view_shape) -> torch.Tensor:
+    """``out`` (a fresh GEMM / convolution output, not saved by its backward) with ``bias`` added
+    in place on its primal rows."""
+    if bias is not None:
+        return ctx.add_bias_(out, bias.view(view_shape))
+    return ctx.mark(out)
+
+
+@register("linear", F.linear)
+def linear(ctx: Streams, func, args, kwargs):
+    x, weight, bias = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if ctx.is_dual(weight) or ctx.is_dual(bias) or not ctx.is_dual(x):
+        return None  # a weight that depends on the input: the fallback handles it
+    out = F.linear(x, weight)
+    return _add_bias_to_primal(ctx, out, bias, (-1,))
+
+
+def _conv(ctx: Streams, func, args, kwargs, dims: int):
+    x, weight, bias = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    if ctx.is_dual(weight) or ctx.is_dual(bias) or not ctx.is_dual(x):
+        return None
+    args, kwargs = replace_arg(args, kwargs, 2, "bias", None)
+    out = func(*args, **kwargs)
+    return _add_bias_to_primal(ctx, out, bias, (-1,) + (1,) * dims)
+
+
+@register("conv", F.conv1d)
+def conv1d(ctx, func, args, kwargs):
+    return _conv(ctx, func, args, kwargs, 1)
+
+
+@register("conv", F.conv2d)
+def conv2d(ctx, func, args, kwargs):
+    return _conv(ctx, func, args, kwargs, 2)
+
+
+@register("conv", F.conv3d)
+def conv3d(ctx, func, args, kwargs):
+    return _conv(ctx, func, args, kwargs, 3)
+
+
+@register("conv", F.conv_transpose1d)
+def conv_transpose1d(ctx, func, args, kwargs):
+    return _conv(ctx, func, args, kwargs, 1)
+
+
+@register("conv", F.conv_transpose2d)
+def conv_transpose2d(ctx, func, args, kwargs):
+    return _conv(ctx, func, args, kwargs, 2)
+
+
+@register("conv", F.conv_transpose3d)
+def conv_transpose3d(ctx, func, args, kwargs):
+    return _conv(ctx, func, args, kwargs, 3)
+
+
+@register("matmul", torch.matmul, method("matmul"), method("__matmul__"), operator.matmul, torch.mm, method("mm"),
+          torch.bmm, method("bmm"))
+def matmul(ctx: Streams, func, args, kwargs):
+    a, b = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "other")
+    da, db = ctx.is_dual(a), ctx.is_dual(b)
+    if da and db:
+        a_p, a_t, ma = ctx.split(a)
+        b_p, b_t, mb = ctx.split(b)
+        primal = torch.matmul(a_p, b_p)
+        tangent = torch.matmul(a_t, ctx.rows(b_p, mb)) + torch.matmul(ctx.rows(a_p, ma), b_t)
+        return ctx.join(primal, tangent)
+    # Linear in the dual factor: the constant factor must not carry a batch dimension of its own.
+    const = b if da else a
+    dual = a if da else b
+    if isinstance(const, torch.Tensor) and const.dim() >= dual.dim() and const.dim() >= 3 and const.shape[0] != 1:
+        return None
+    out = func(*args, **kwargs)
+    if da and not db and dual.dim() == 1:
+        return None
+    ctx.block(out)
+    return ctx.mark(out)

@@ -1,0 +1,60 @@
+r"""Pooling. Max pools: the tangent is gathered at the primal's argmax (PAPER.md); the pooling runs
+once, on the primal rows, and its indices are the compact save. Average pools are linear and run on
+the stacked rows as they are (:mod:`.structural`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import register
+from ._args import arg, replace_arg
+from ..streams import Streams
+
+
+def _max_pool(ctx: Streams, func, args, kwargs, spatial: int, indices_pos: int):
+    z = arg(args, kwargs, 0, "input")
+    if arg(args, kwargs, indices_pos, "return_indices", False):
+        return None  # the caller wants the indices too: the fallback serves it
+    if z.dim() < spatial + 1:
+        return None
+    z_p, _, m = ctx.split(z)
+    args, kwargs = replace_arg(args, kwargs, indices_pos, "return_indices", True)
+    with torch.no_grad():
+        _, idx = func(z_p.detach(), *args[1:], **(kwargs or {}))
+    # Every row gathered at its primal row's argmax: the primal rows' maxima and the tangents, in one
+    # gather (its backward, a scatter-add, is the max-pool's).
+    rows = ctx.rows(idx, m)
+    full = torch.cat([idx, rows.unsqueeze(0).expand((ctx.K,) + tuple(rows.shape)).reshape((-1,) + tuple(idx.shape[1:]))])
+    lead = tuple(full.shape[: full.dim() - spatial])
+    out = z.reshape(lead + (-1,)).gather(-1, full.reshape(lead + (-1,)))
+    return ctx.mark(out.reshape(full.shape))
+
+
+@register("max_pool", F.max_pool1d)
+def max_pool1d(ctx, func, args, kwargs):
+    return _max_pool(ctx, func, args, kwargs, 1, 6)
+
+
+@register("max_pool", F.max_pool2d)
+def max_pool2d(ctx, func, args, kwargs):
+    return _max_pool(ctx, func, args, kwargs, 2, 6)
+
+
+@register("max_pool", F.max_pool3d)
+def max_pool3d(ctx, func, args, kwargs):
+    return _max_pool(ctx, func, args, kwargs, 3, 6)
+
+
+@register("max_pool", F.adaptive_max_pool1d)
+def adaptive_max_pool1d(ctx, func, args, kwargs):
+    return _max_pool(ctx, func, args, kwargs, 1, 2)
+
+
+@register("max_pool", F.adaptive_max_pool2d)
+def adaptive_max_pool2d(ctx, func, args, kwargs):
+    return _max_pool(ctx, func, args, kwargs, 2, 2)
+
+
+@register("max_pool", F.adaptive_max_pool3d)
+def adaptive_max_pool3d(ctx, func, args, kwargs):
+    return _max_pool(ctx, func, args, kwargs, 3, 2)
