@@ -78,6 +78,8 @@ class Planner:
         self.estimator = estimator
         self.backend = check_backend(backend)
         self.num_probes, self.probes, self.squared, self.generator = num_probes, probes, squared, generator
+        self.settings = (estimator, backend, num_probes, probes, squared, id(generator))
+        self.warned: set = set()  # the engine's fallback warnings, once per function per planner
         self._cache: Optional[Tuple[tuple, Plan]] = None
 
     def signature(self, x: torch.Tensor) -> tuple:
@@ -108,7 +110,7 @@ class Planner:
             return cache[1]
         plan = make_plan(self.model, x, estimator=self.estimator, backend=self.backend,
                          num_probes=self.num_probes, probes=self.probes, squared=self.squared,
-                         generator=self.generator)
+                         generator=self.generator, warned=self.warned)
         self._cache = (sig, plan)
         return plan
 
@@ -175,7 +177,7 @@ def _chain_reasons(model, x: torch.Tensor, estimator: str) -> Tuple[Optional[lis
 
 
 def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probes: int, probes: str,
-              squared: bool, generator: Optional[torch.Generator]) -> Plan:
+              squared: bool, generator: Optional[torch.Generator], warned: Optional[set] = None) -> Plan:
     """Choose the backend for ``model`` at ``x`` and bind its per-call function (see :class:`Plan`)."""
     check_backend(backend)
     steps, reasons = _chain_reasons(model, x, estimator)
@@ -188,11 +190,14 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
             raise _backends.BackendUnavailableError(
                 f"backend={backend!r} cannot compute the {estimator!r} estimator for this model: {reasons[backend]}")
         chosen = backend
-    run, description = _runner(model, x, steps, estimator, chosen, num_probes, probes, squared, generator)
-    return Plan(estimator, chosen, reasons, run, description)
+    run, description = _runner(model, x, steps, estimator, chosen, num_probes, probes, squared, generator,
+                               set() if warned is None else warned)
+    plan = Plan(estimator, chosen, reasons, run, description)
+    plan.counts = getattr(run, "counts", {})
+    return plan
 
 
-def _runner(model, x, steps, estimator, backend, K, probes, squared, generator):
+def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, warned):
     root = not squared
     dtype, device = x.dtype, x.device
     in_shape = tuple(x.shape[1:])
@@ -247,10 +252,13 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator):
 
         return run, f"the per-layer {backend} ops grokalign::dual_linear*"
 
+    counts: Dict[str, int] = {}
+
     def run(x, index=None, scale=1.0):
-        out, est, counts = engine.run(model, x, draw(rows(x, index)), index)
-        run.counts = counts
+        out, est, calls = engine.run(model, x, draw(rows(x, index)), index, warned=warned)
+        counts.clear()
+        counts.update(calls)
         return out, finish(est, scale)
 
-    run.counts = {}
+    run.counts = counts
     return run, "the dual-stream engine (grokalign_fast.dual.engine)"
