@@ -27,6 +27,7 @@ from providers import LAMBDA, make_batch, make_model, make_step, providers, rati
 
 from grokalign_fast import _backends  # noqa: E402
 from grokalign_fast.ops.mlp import model as mlp_model  # noqa: E402
+from grokalign_fast.ops.mlp import whole_mlp  # noqa: E402
 from grokalign_fast.probes import draw_checked  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def op_step(model0, x, y, rows, draws: bool):
     model = copy.deepcopy(model0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     steps, _ = mlp_model.plan(model)
-    args = mlp_model.whole_mlp_op_args(steps)
+    args = whole_mlp.whole_mlp_op_args(steps)
     n, B = x.shape[1], x.shape[0]
     g = torch.Generator().manual_seed(0)
     pre_v = [draw_checked("rademacher", 1, rows, (n,), n, dtype=x.dtype, device=x.device, generator=g)

@@ -1,4 +1,4 @@
-"""The fused dual-stream layers against cuBLAS GEMMs of the same stacked size (issue 3's GPU target).
+"""The fused dual-stream layers against cuBLAS GEMMs of the same stacked size, on a GPU.
 
     .venv/bin/python bench/gpu_layers.py [--reps 100] [--out /tmp/gpu_layers.md]
     TRITON_INTERPRET=1 .venv/bin/python bench/gpu_layers.py --device cpu --reps 1 --quick   # dry run
@@ -17,10 +17,10 @@ For each shape (B, IN, OUT) with K = 1 tangent stream over the whole batch and e
      the GEMM baseline is the stacked forward mm plus its two backward mms.
    The target is `fused / gemm <= 1.15`.
 
-Writes a markdown table (stdout, and appended to --out). Not run yet: no GPU was lent to this
-task. On one, build the extension against that machine's CUDA torch first
-(`pip install -e . --no-build-isolation`; `TORCH_CUDA_ARCH_LIST=9.0` for an H100 / H200), then run
-this script (its check comes first) and `bench/interleaved.py` for whole training steps.
+Writes a markdown table (stdout, and appended to --out). Build the extension against the
+machine's CUDA torch first (`pip install -e . --no-build-isolation`; `TORCH_CUDA_ARCH_LIST=9.0` for
+an H100 / H200), then run this script (its check comes first) and `bench/interleaved.py` for whole
+training steps.
 """
 import argparse
 import os

@@ -18,21 +18,17 @@ from torch import nn
 
 from grokalign_fast import GrokAlign, _backends
 from grokalign_fast.jacobian import safe_sqrt
+from grokalign_fast.models import mlp
 from grokalign_fast.ops.mlp import model as mlp_model
-from grokalign_fast.ops.mlp import reverse as mlp_reverse
+from grokalign_fast.ops.mlp import reverse_mlp
 from grokalign_fast.probes import draw_probes
 
 LAMBDA = 1e-4
 
 
 def make_model(sizes, dtype, bias=False, seed=0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers).to(dtype)
+    """The benchmarks' ReLU MLP: :func:`grokalign_fast.models.mlp` with PyTorch's default init."""
+    return mlp(sizes, act=nn.ReLU, bias=bias, dtype=dtype, seed=seed)
 
 
 def make_batch(sizes, batch, dtype, seed=1):
@@ -103,7 +99,7 @@ def providers(model0: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[Callable, C
 
         def fwd():
             U = draw_probes("sphere", 1, x.shape[0], (C,), dtype=x.dtype, device=x.device, generator=gen)
-            out, est = mlp_reverse.reverse_forward(steps, x, U, implementation="python")
+            out, est = reverse_mlp.reverse_forward(steps, x, U, implementation="python")
             return out, LAMBDA * safe_sqrt(est).mean()
 
         return fwd
@@ -112,7 +108,7 @@ def providers(model0: nn.Module, x: torch.Tensor) -> Dict[str, Tuple[Callable, C
     fused = []
     if _backends.cpp_unavailable_reason(x.device) is None and hasattr(torch.ops.grokalign, "dual_linear"):
         fused.append("cpp")
-    if mlp_reverse.cpp_unavailable_reason(x) is None:
+    if reverse_mlp.cpp_unavailable_reason(x) is None:
         add("reverse_cpp", reg(estimator="reverse", backend="cpp"))
         add("reverse_cpp_sub0.25", reg(estimator="reverse", backend="cpp", subsample=0.25))
     if x.device.type == "cuda" and _backends.triton_unavailable_reason(x.device) is None:

@@ -13,7 +13,7 @@ TORCH_LIBRARY(grokalign, m) {
 
   // Fills out (floating point, contiguous, CPU) with independent random signs +-1 from a CPU
   // generator (None: the default one): the signs grokalign_fast.probes draws for "rademacher"
-  // probes from the same generator state (csrc/cpu/probes_cpu.cpp).
+  // probes from the same generator state (csrc/cpu/rademacher_cpu.cpp).
   m.def("rademacher_(Tensor(a!) out, Generator? generator=None) -> ()");
 
   // Dual-stream Linear(+bias) + activation: the primal batch and K forward-mode
@@ -24,37 +24,37 @@ TORCH_LIBRARY(grokalign, m) {
   //   save: also return the state the backward needs (else those are empty).
   // Returns y = s(z) [B, OUT], t_out = s'(z[index]) * (t W^T) [K, R, OUT],
   //   mask = [z > 0] uint8 [B, OUT] (relu, leaky_relu; else [0, 0]),
-  //   zu = [z + b; t W^T] [B + K*R, OUT] (smooth activations; else [0, OUT]).
+  //   preact = [z + b; t W^T] [B + K*R, OUT] (smooth activations; else [0, OUT]).
   m.def(
       "dual_linear(Tensor x, Tensor t, Tensor weight, Tensor? bias, Tensor? index, int act, float alpha, "
-      "bool save) -> (Tensor y, Tensor t_out, Tensor mask, Tensor zu)");
+      "bool save) -> (Tensor y, Tensor t_out, Tensor mask, Tensor preact)");
   // Same, returning the per-row Hutchinson sum sq[r] = (1/K) sum_k ||t_out[k, r]||^2 [R]
-  //   instead of t_out, and zu [B + K*R, OUT] for every activation when save.
+  //   instead of t_out, and preact [B + K*R, OUT] for every activation when save.
   m.def(
       "dual_linear_sqnorm(Tensor x, Tensor t, Tensor weight, Tensor? bias, Tensor? index, int act, "
-      "float alpha, bool save) -> (Tensor y, Tensor sq, Tensor zu)");
+      "float alpha, bool save) -> (Tensor y, Tensor sq, Tensor preact)");
   // Backwards. dims = [B, K, R, IN, OUT]; output_mask = which of (x, t, weight, bias) need a gradient;
   // x and t are needed only for grad_weight, weight only for grad_x / grad_t.
   // Returns grad_xt = [grad_x; grad_t.reshape(K*R, IN)] (only the rows asked for: [B + K*R | B | K*R, IN],
   //   else [0, IN]), grad_weight [OUT, IN] (else [0]), grad_bias [OUT] (else [0]).
   m.def(
       "dual_linear_backward(Tensor? grad_y, Tensor? grad_t_out, Tensor? x, Tensor? t, Tensor? weight, "
-      "Tensor mask, Tensor zu, Tensor? index, SymInt[] dims, int act, float alpha, bool[4] output_mask) "
+      "Tensor mask, Tensor preact, Tensor? index, SymInt[] dims, int act, float alpha, bool[4] output_mask) "
       "-> (Tensor grad_xt, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "dual_linear_sqnorm_backward(Tensor? grad_y, Tensor? grad_sq, Tensor? x, Tensor? t, Tensor? weight, "
-      "Tensor zu, Tensor? index, SymInt[] dims, int act, float alpha, bool[4] output_mask) "
+      "Tensor preact, Tensor? index, SymInt[] dims, int act, float alpha, bool[4] output_mask) "
       "-> (Tensor grad_xt, Tensor grad_weight, Tensor grad_bias)");
 
   // The output-space Hutchinson estimate for a piecewise-linear MLP in one pass
-  // (csrc/cpu/reverse_mlp.cpp; grokalign_fast/ops/mlp/reverse.py is the specification).
+  // (csrc/cpu/reverse_mlp_cpu.cpp; grokalign_fast/ops/mlp/reverse_mlp.py is the specification).
   //   x [B, IN], u [K, R, C] output probes riding on rows index [R] (None: R == B),
   //   weights[l] [n_l, n_{l-1}], biases: the present biases, has_bias[l]: layer l has one,
   //   acts[l]: 0 identity, 1 relu, 2 leaky_relu (slope alphas[l]).
   // Returns y = the MLP's output [B, C], est[r] = (1/K) sum_k ||J(x[index[r]])^T u[k, r]||^2 [R]
   //   (with root=True its square root, whose gradient is 0 where est[r] = 0; either times scale, so
   //   that a penalty weight lambda / R makes sum(est) the weighted batch mean),
-  //   and the state the backward needs (3L - 1 tensors, see reverse_mlp.cpp).
+  //   and the state the backward needs (3L - 1 tensors, see reverse_mlp_cpu.cpp).
   m.def(
       "reverse_mlp(Tensor x, Tensor u, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
       "int[] acts, float[] alphas, bool root=False, float scale=1.0) -> (Tensor y, Tensor est, Tensor[] saved)");
@@ -64,10 +64,10 @@ TORCH_LIBRARY(grokalign, m) {
       "Tensor[] saved, bool[] has_bias, bool need_x, bool root=False, float scale=1.0) -> (Tensor grad_x, Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
   // The forward-mode (input-space) Hutchinson estimate for a whole piecewise-linear MLP in one pass
-  // (csrc/cpu/dual_mlp.cpp): the MLP runs on the stacked rows [x; v] with the tangent rows
+  // (csrc/cpu/dual_mlp_sqnorm_cpu.cpp): the MLP runs on the stacked rows [x; v] with the tangent rows
   // taking the primal rows' slopes. v [K, R, IN] input probes riding on rows index [R];
   // other arguments as reverse_mlp. Returns y [B, C], sq[r] = (1/K) sum_k ||J(x[index[r]]) v[k, r]||^2 [R],
-  // (root and scale as in reverse_mlp) and the state the backward needs (2L tensors, see dual_mlp.cpp).
+  // (root and scale as in reverse_mlp) and the state the backward needs (2L tensors, see dual_mlp_sqnorm_cpu.cpp).
   // The backward's arguments are reverse_mlp_backward's.
   m.def(
       "dual_mlp_sqnorm(Tensor x, Tensor v, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "

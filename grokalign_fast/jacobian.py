@@ -39,7 +39,7 @@ from ._validation import (
     check_generator,
     check_num_probes,
 )
-from .ops.sqnorm import probe_sqnorm
+from .ops.probe_sqnorm import probe_sqnorm
 from .probes import draw_probes, resolve_probes
 
 ESTIMATORS = ("reverse", "forward", "exact")

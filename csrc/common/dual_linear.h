@@ -5,7 +5,7 @@
 // Notation (grokalign_fast/ops/mlp/reference.py is the specification):
 //   z = x W^T + b  [B, OUT],  u = t W^T  [K, R, OUT],  y = s(z),
 //   t' = s'(z[index]) * u,  sq[r] = (1/K) sum_{k,o} t'[k,r,o]^2.
-// Both devices compute z and u with one stacked buffer zu [B + K*R, OUT]
+// Both devices compute z and u with one stacked buffer preact [B + K*R, OUT]
 // (rows 0..B-1: z, rows B + k*R + r: u[k, r]).
 #pragma once
 
@@ -165,22 +165,22 @@ inline Dims check_forward(const at::Tensor& x, const at::Tensor& t, const at::Te
   return Dims{x.size(0), t.size(0), t.size(1), x.size(1), weight.size(0)};
 }
 
-// zu = [x; t.reshape(K*R, IN)] @ W^T as one stacked [B + K*R, OUT] buffer,
+// preact = [x; t.reshape(K*R, IN)] @ W^T as one stacked [B + K*R, OUT] buffer,
 // written block by block (two GEMMs into the row blocks) so that the inputs
 // are never copied into a stacked operand.
 inline at::Tensor stacked_gemm(const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight,
                                const Dims& d) {
-  at::Tensor zu = at::empty({d.B + d.K * d.R, d.OUT}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor preact = at::empty({d.B + d.K * d.R, d.OUT}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor wt = weight.t();
   if (d.B > 0) {
-    at::Tensor z = zu.narrow(0, 0, d.B);
+    at::Tensor z = preact.narrow(0, 0, d.B);
     at::mm_out(z, x, wt);
   }
   if (d.K * d.R > 0) {
-    at::Tensor u = zu.narrow(0, d.B, d.K * d.R);
+    at::Tensor u = preact.narrow(0, d.B, d.K * d.R);
     at::mm_out(u, t.reshape({d.K * d.R, d.IN}), wt);
   }
-  return zu;
+  return preact;
 }
 
 // What one backward call computes.
@@ -193,7 +193,7 @@ struct BackwardPlan {
 
 // Host-side checks of the backward arguments (incoming gradients and the
 // forward's saved state); returns the sizes and fills the plan.
-inline Dims check_backward(at::IntArrayRef dims, int64_t act, const at::Tensor& mask, const at::Tensor& zu,
+inline Dims check_backward(at::IntArrayRef dims, int64_t act, const at::Tensor& mask, const at::Tensor& preact,
                            bool sqnorm, const std::optional<at::Tensor>& gy, const std::optional<at::Tensor>& gtan,
                            const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& t,
                            const std::optional<at::Tensor>& weight, std::array<bool, 4> output_mask,
@@ -201,11 +201,11 @@ inline Dims check_backward(at::IntArrayRef dims, int64_t act, const at::Tensor& 
   DL_CHECK(dims.size() == 5, "dims must be [B, K, R, IN, OUT], got ", dims);
   DL_CHECK(act >= 0 && act < kNumActs, "act must be an activation code in [0, ", kNumActs, "), got ", act);
   const Dims d{dims[0], dims[1], dims[2], dims[3], dims[4]};
-  const bool need_zu = sqnorm || !piecewise_linear(act);
-  const bool need_mask = !need_zu && mask_activation(act);
-  if (need_zu)
-    DL_CHECK(zu.dim() == 2 && zu.size(0) == d.B + d.K * d.R && zu.size(1) == d.OUT,
-             "backward needs the saved zu [B + K*R, OUT] (forward run with save=True), got ", zu.sizes());
+  const bool need_preact = sqnorm || !piecewise_linear(act);
+  const bool need_mask = !need_preact && mask_activation(act);
+  if (need_preact)
+    DL_CHECK(preact.dim() == 2 && preact.size(0) == d.B + d.K * d.R && preact.size(1) == d.OUT,
+             "backward needs the saved preact [B + K*R, OUT] (forward run with save=True), got ", preact.sizes());
   if (need_mask)
     DL_CHECK(mask.dim() == 2 && mask.size(0) == d.B && mask.size(1) == d.OUT && mask.scalar_type() == at::kByte,
              "backward needs the saved uint8 mask [B, OUT] (forward run with save=True), got ", mask.sizes());
@@ -223,7 +223,7 @@ inline Dims check_backward(at::IntArrayRef dims, int64_t act, const at::Tensor& 
                "grad_t_out must be [K, R, OUT], got ", gtan->sizes());
     }
   }
-  for (const at::Tensor* v : {gy ? &*gy : nullptr, gtan ? &*gtan : nullptr, need_zu ? &zu : nullptr}) {
+  for (const at::Tensor* v : {gy ? &*gy : nullptr, gtan ? &*gtan : nullptr, need_preact ? &preact : nullptr}) {
     if (v) DL_CHECK(v->scalar_type() == ref.scalar_type() && v->device() == ref.device(),
                     "the gradients and saved tensors must share one dtype and device");
   }
@@ -301,22 +301,22 @@ struct OpEntries {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_sqnorm(
       const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight, const OptTensor& bias,
       const OptTensor& index, int64_t act, double alpha, bool save) {
-    auto [y, sq, mask, zu] = Forward(x, t, weight, bias, index, act, alpha, save, /*sqnorm=*/true);
-    return {y, sq, zu};
+    auto [y, sq, mask, preact] = Forward(x, t, weight, bias, index, act, alpha, save, /*sqnorm=*/true);
+    return {y, sq, preact};
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_backward(
       const OptTensor& grad_y, const OptTensor& grad_t_out, const OptTensor& x, const OptTensor& t,
-      const OptTensor& weight, const at::Tensor& mask, const at::Tensor& zu, const OptTensor& index,
+      const OptTensor& weight, const at::Tensor& mask, const at::Tensor& preact, const OptTensor& index,
       at::IntArrayRef dims, int64_t act, double alpha, std::array<bool, 4> output_mask) {
-    return Backward(grad_y, grad_t_out, x, t, weight, mask, zu, index, dims, act, alpha, output_mask,
+    return Backward(grad_y, grad_t_out, x, t, weight, mask, preact, index, dims, act, alpha, output_mask,
                     /*sqnorm=*/false);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear_sqnorm_backward(
       const OptTensor& grad_y, const OptTensor& grad_sq, const OptTensor& x, const OptTensor& t,
-      const OptTensor& weight, const at::Tensor& zu, const OptTensor& index, at::IntArrayRef dims, int64_t act,
+      const OptTensor& weight, const at::Tensor& preact, const OptTensor& index, at::IntArrayRef dims, int64_t act,
       double alpha, std::array<bool, 4> output_mask) {
-    const at::Tensor no_mask = at::empty({0}, zu.options().dtype(at::kByte));
-    return Backward(grad_y, grad_sq, x, t, weight, no_mask, zu, index, dims, act, alpha, output_mask,
+    const at::Tensor no_mask = at::empty({0}, preact.options().dtype(at::kByte));
+    return Backward(grad_y, grad_sq, x, t, weight, no_mask, preact, index, dims, act, alpha, output_mask,
                     /*sqnorm=*/true);
   }
 };

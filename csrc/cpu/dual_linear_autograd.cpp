@@ -13,7 +13,7 @@
 // C++ ops (C++ autograd + Python fake kernels), which torch.compile traces.
 //
 // Saved for backward: x and t only when weight needs a gradient, weight only
-// when x or t do, plus the forward's compact state (mask or zu, see
+// when x or t do, plus the forward's compact state (mask or preact, see
 // csrc/grokalign.cpp). Gradients of unused outputs are not materialised.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -56,28 +56,28 @@ struct DualLinearFunction : public torch::autograd::Function<DualLinearFunction<
                                const OptTensor& bias, const OptTensor& index, int64_t act, double alpha, bool save) {
     at::AutoDispatchBelowADInplaceOrView guard;
     variable_list out;
-    Tensor mask, zu;
+    Tensor mask, preact;
     if constexpr (SQNORM) {
       static const auto op = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("grokalign::dual_linear_sqnorm", "")
                                  .typed<SqnormForwardSig>();
       auto [y, sq, z] = op.call(x, t, weight, bias, index, act, alpha, save);
-      zu = z;
-      out = {y, sq, zu};
-      ctx->mark_non_differentiable({zu});
+      preact = z;
+      out = {y, sq, preact};
+      ctx->mark_non_differentiable({preact});
     } else {
       static const auto op =
           c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::dual_linear", "").typed<ForwardSig>();
       auto [y, t_out, m, z] = op.call(x, t, weight, bias, index, act, alpha, save);
       mask = m;
-      zu = z;
-      out = {y, t_out, mask, zu};
-      ctx->mark_non_differentiable({mask, zu});
+      preact = z;
+      out = {y, t_out, mask, preact};
+      ctx->mark_non_differentiable({mask, preact});
     }
     ctx->set_materialize_grads(false);
     const bool need_w = weight.requires_grad();
     const bool need_xt = x.requires_grad() || t.requires_grad();
-    ctx->save_for_backward({need_w ? x : Tensor(), need_w ? t : Tensor(), need_xt ? weight : Tensor(), mask, zu,
+    ctx->save_for_backward({need_w ? x : Tensor(), need_w ? t : Tensor(), need_xt ? weight : Tensor(), mask, preact,
                             index.has_value() ? *index : Tensor()});
     ctx->saved_data["B"] = x.sym_size(0);
     ctx->saved_data["K"] = t.sym_size(0);

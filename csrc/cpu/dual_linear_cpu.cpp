@@ -2,7 +2,7 @@
 // grokalign::dual_linear, dual_linear_sqnorm and their backwards.
 //
 // Forward: the GEMMs of the primal and tangent rows write one stacked buffer
-// zu = [z; u] (ATen/MKL), then one OpenMP-parallel pass over the primal rows b
+// preact = [z; u] (ATen/MKL), then one OpenMP-parallel pass over the primal rows b
 // adds the bias, writes y = s(z) (and the ReLU mask), and, for the tangent rows
 // r riding on b (r == b, or the inverse of index), writes t' = s'(z_b) * u_{k,r}
 // or accumulates sq[r] = (1/K) sum_{k,o} (s'(z_b) u_{k,r})^2. s'(z_b) is evaluated
@@ -120,7 +120,7 @@ inline acc_type<scalar_t> sqnorm_row(const acc_type<scalar_t>* __restrict__ d1, 
 }
 
 template <typename scalar_t, int A>
-void forward_epilogue(const Dims& d, const RowMap& map, scalar_t* zu, const scalar_t* bias, double alpha,
+void forward_epilogue(const Dims& d, const RowMap& map, scalar_t* preact, const scalar_t* bias, double alpha,
                       scalar_t* y, uint8_t* mask, scalar_t* out /* t' [K,R,OUT] or sq [R] */, bool sqnorm) {
   using acc_t = acc_type<scalar_t>;
   const int64_t B = d.B, K = d.K, R = d.R, OUT = d.OUT;
@@ -130,10 +130,10 @@ void forward_epilogue(const Dims& d, const RowMap& map, scalar_t* zu, const scal
     std::vector<acc_t> d1buf(OUT);
     acc_t* d1 = d1buf.data();
     for (int64_t b = b0; b < b1; ++b) {
-      scalar_t* zrow = zu + b * OUT;
+      scalar_t* zrow = preact + b * OUT;
       scalar_t* yrow = y + b * OUT;
       const int64_t j0 = map.begin(b), j1 = map.end(b);
-      // Primal row: bias (kept in zu for the tangents and backward), y, s' if tangent rows ride on b.
+      // Primal row: bias (kept in preact for the tangents and backward), y, s' if tangent rows ride on b.
       if (j0 < j1) {
         if (bias) primal_row<scalar_t, A, true, true>(zrow, bias, a, yrow, d1, OUT);
         else primal_row<scalar_t, A, false, true>(zrow, bias, a, yrow, d1, OUT);
@@ -147,10 +147,10 @@ void forward_epilogue(const Dims& d, const RowMap& map, scalar_t* zu, const scal
         const int64_t r = map.row(j);
         if (sqnorm) {
           acc_t s = 0;
-          for (int64_t k = 0; k < K; ++k) s += sqnorm_row(d1, zu + (B + k * R + r) * OUT, OUT);
+          for (int64_t k = 0; k < K; ++k) s += sqnorm_row(d1, preact + (B + k * R + r) * OUT, OUT);
           out[r] = static_cast<scalar_t>(s * inv_k);
         } else {
-          for (int64_t k = 0; k < K; ++k) scale_row(d1, zu + (B + k * R + r) * OUT, out + (k * R + r) * OUT, OUT);
+          for (int64_t k = 0; k < K; ++k) scale_row(d1, preact + (B + k * R + r) * OUT, out + (k * R + r) * OUT, OUT);
         }
       }
     }
@@ -206,11 +206,11 @@ inline void gz_row(const scalar_t* __restrict__ gy, const acc_type<scalar_t>* __
 // G rows: gz [B, OUT] (nullptr: not needed), gu [K*R, OUT] (nullptr: not needed).
 // gtan: gt' [K, R, OUT] (dual_linear) or gsq [R] (sqnorm); TAN: gtan present.
 template <typename scalar_t, int A, bool SQNORM, bool TAN>
-void backward_epilogue(const Dims& d, const RowMap& map, const scalar_t* zu, const uint8_t* mask, double alpha,
+void backward_epilogue(const Dims& d, const RowMap& map, const scalar_t* preact, const uint8_t* mask, double alpha,
                        const scalar_t* gy, const scalar_t* gtan, scalar_t* gz, scalar_t* gu) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool SMOOTH = !piecewise_linear(A) && TAN;  // the s'' term is present
-  [[maybe_unused]] constexpr bool USES_U = SQNORM || SMOOTH;  // else u (and zu) is not read
+  [[maybe_unused]] constexpr bool USES_U = SQNORM || SMOOTH;  // else u (and preact) is not read
   const int64_t B = d.B, K = d.K, R = d.R, OUT = d.OUT;
   const acc_t a = static_cast<acc_t>(alpha);
   const acc_t two_over_k = acc_t(2) / static_cast<acc_t>(K);
@@ -232,7 +232,7 @@ void backward_epilogue(const Dims& d, const RowMap& map, const scalar_t* zu, con
           const acc_t off = A == kLeakyRelu ? a : acc_t(0);
           for (int64_t o = 0; o < OUT; ++o) d1[o] = mrow[o] ? acc_t(1) : off;
         } else {
-          derivs_row<scalar_t, A, SMOOTH>(zu + b * OUT, a, d1, d2, OUT);
+          derivs_row<scalar_t, A, SMOOTH>(preact + b * OUT, a, d1, d2, OUT);
         }
       }
       if constexpr (SMOOTH) std::fill(acc, acc + OUT, acc_t(0));
@@ -242,7 +242,7 @@ void backward_epilogue(const Dims& d, const RowMap& map, const scalar_t* zu, con
           const acc_t c = SQNORM ? two_over_k * static_cast<acc_t>(gtan[r]) : acc_t(0);
           for (int64_t k = 0; k < K; ++k) {
             const int64_t row = k * R + r;
-            const scalar_t* urow = USES_U ? zu + (B + row) * OUT : nullptr;
+            const scalar_t* urow = USES_U ? preact + (B + row) * OUT : nullptr;
             const scalar_t* gtrow = SQNORM ? nullptr : gtan + row * OUT;
             if (gu) {
               tangent_grad_row<scalar_t, SQNORM, true, SMOOTH>(d1, urow, gtrow, c, gu + row * OUT, acc, OUT);
@@ -265,7 +265,7 @@ const scalar_t* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
 }
 
-// Shared forward: returns y, t' or sq, mask, zu.
+// Shared forward: returns y, t' or sq, mask, preact.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& t, const at::Tensor& weight, const std::optional<at::Tensor>& bias_in,
     const std::optional<at::Tensor>& index, int64_t act, double alpha, bool save, bool sqnorm) {
@@ -273,33 +273,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
   const RowMap map = make_row_map(index, d.B);
   const std::optional<at::Tensor> bias = opt_contiguous(bias_in);
-  at::Tensor zu = stacked_gemm(x, t, weight, d);
+  at::Tensor preact = stacked_gemm(x, t, weight, d);
   at::Tensor y = at::empty({d.B, d.OUT}, x.options());
   at::Tensor out = sqnorm ? at::empty({d.R}, x.options()) : at::empty({d.K, d.R, d.OUT}, x.options());
   const bool keep_mask = save && !sqnorm && mask_activation(act);
-  const bool keep_zu = save && (sqnorm || !piecewise_linear(act));
+  const bool keep_preact = save && (sqnorm || !piecewise_linear(act));
   at::Tensor mask = at::empty({keep_mask ? d.B : 0, keep_mask ? d.OUT : 0}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dual_linear_cpu", [&] {
     dispatch_act(act, [&](auto A) {
       uint8_t* mp = keep_mask ? mask.data_ptr<uint8_t>() : nullptr;
-      forward_epilogue<scalar_t, decltype(A)::value>(d, map, zu.data_ptr<scalar_t>(), opt_ptr<scalar_t>(bias), alpha,
+      forward_epilogue<scalar_t, decltype(A)::value>(d, map, preact.data_ptr<scalar_t>(), opt_ptr<scalar_t>(bias), alpha,
                                                       y.data_ptr<scalar_t>(), mp, out.data_ptr<scalar_t>(), sqnorm);
     });
   });
-  if (!keep_zu) zu = at::empty({0, d.OUT}, x.options());
-  return {y, out, mask, zu};
+  if (!keep_preact) preact = at::empty({0, d.OUT}, x.options());
+  return {y, out, mask, preact};
 }
 
 // Shared backward: returns [gx; gt] (rows present per output_mask), gW, gb.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const std::optional<at::Tensor>& gy_in, const std::optional<at::Tensor>& gtan_in,
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mask_in, const at::Tensor& zu_in, const std::optional<at::Tensor>& index, at::IntArrayRef dims,
+    const at::Tensor& mask_in, const at::Tensor& preact_in, const std::optional<at::Tensor>& index, at::IntArrayRef dims,
     int64_t act, double alpha, std::array<bool, 4> output_mask, bool sqnorm) {
   const std::optional<at::Tensor> gy = opt_contiguous(gy_in), gtan = opt_contiguous(gtan_in);
   BackwardPlan p;
-  const Dims d = check_backward(dims, act, mask_in, zu_in, sqnorm, gy, gtan, x, t, weight, output_mask, p);
-  const at::Tensor zu = zu_in.contiguous(), mask = mask_in.contiguous();
+  const Dims d = check_backward(dims, act, mask_in, preact_in, sqnorm, gy, gtan, x, t, weight, output_mask, p);
+  const at::Tensor preact = preact_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor& ref = gy.has_value() ? *gy : *gtan;
   TORCH_INTERNAL_ASSERT(ref.device().is_cpu());
   const RowMap map = make_row_map(index, d.B);
@@ -309,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       dispatch_act(act, [&](auto A) {
         constexpr int a = decltype(A)::value;
         const uint8_t* mp = (!sqnorm && mask_activation(a)) ? mask.data_ptr<uint8_t>() : nullptr;
-        const scalar_t* zp = zu.numel() ? zu.data_ptr<scalar_t>() : nullptr;
+        const scalar_t* zp = preact.numel() ? preact.data_ptr<scalar_t>() : nullptr;
         const scalar_t* gyp = opt_ptr<scalar_t>(gy);
         const scalar_t* gtp = opt_ptr<scalar_t>(gtan);
         scalar_t* gzp = p.need_gz ? G.data_ptr<scalar_t>() : nullptr;

@@ -3,9 +3,9 @@
 // kernels are device-agnostic, csrc/cpu/dual_linear_autograd.cpp).
 //
 // Same structure as the CPU file: the GEMMs go through ATen (cuBLAS) into one
-// stacked buffer zu = [z; u], then fused element-wise kernels launched on the
+// stacked buffer preact = [z; u], then fused element-wise kernels launched on the
 // current stream:
-//   forward   primal_kernel   (b, o): bias, y = s(z), mask; z + b written back to zu
+//   forward   primal_kernel   (b, o): bias, y = s(z), mask; z + b written back to preact
 //             tangent_kernel  (k, r, o): t' = s'(z[index[r]]) * u
 //             sqnorm_kernel   one block per r: sq[r] = (1/K) sum_{k,o} t'^2 (t' never stored)
 //   backward  backward_kernel (b, o): s', s'' once, then the tangent rows r -> b
@@ -38,16 +38,16 @@ int64_t num_blocks(int64_t n) {
 }
 
 template <typename scalar_t, int A>
-__global__ void primal_kernel(scalar_t* __restrict__ zu, const scalar_t* __restrict__ bias,
+__global__ void primal_kernel(scalar_t* __restrict__ preact, const scalar_t* __restrict__ bias,
                               at::opmath_type<scalar_t> alpha, scalar_t* __restrict__ y,
                               uint8_t* __restrict__ mask, int64_t n, int64_t OUT) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t zr = static_cast<acc_t>(zu[i]);
+    acc_t zr = static_cast<acc_t>(preact[i]);
     if (bias) zr += static_cast<acc_t>(bias[i % OUT]);
     const scalar_t zs = static_cast<scalar_t>(zr);  // z rounded as the reference rounds it
-    zu[i] = zs;
+    preact[i] = zs;
     const acc_t z = static_cast<acc_t>(zs);
     acc_t yv, unused1, unused2;
     act_eval<A, true, false, false>(z, alpha, yv, unused1, unused2);
@@ -57,11 +57,11 @@ __global__ void primal_kernel(scalar_t* __restrict__ zu, const scalar_t* __restr
 }
 
 template <typename scalar_t, int A>
-__global__ void tangent_kernel(const scalar_t* __restrict__ zu, const int64_t* __restrict__ index,
+__global__ void tangent_kernel(const scalar_t* __restrict__ preact, const int64_t* __restrict__ index,
                                at::opmath_type<scalar_t> alpha, scalar_t* __restrict__ t_out, int64_t n,
                                int64_t B, int64_t R, int64_t OUT) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* __restrict__ u = zu + B * OUT;
+  const scalar_t* __restrict__ u = preact + B * OUT;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t o = i % OUT;
@@ -69,13 +69,13 @@ __global__ void tangent_kernel(const scalar_t* __restrict__ zu, const int64_t* _
     const int64_t b = index ? index[r] : r;
     CUDA_KERNEL_ASSERT(b >= 0 && b < B && "dual_linear: index out of range");
     acc_t d1, unused1, unused2;
-    act_eval<A, false, true, false>(static_cast<acc_t>(zu[b * OUT + o]), alpha, unused1, d1, unused2);
+    act_eval<A, false, true, false>(static_cast<acc_t>(preact[b * OUT + o]), alpha, unused1, d1, unused2);
     t_out[i] = static_cast<scalar_t>(d1 * static_cast<acc_t>(u[i]));
   }
 }
 
 template <typename scalar_t, int A>
-__global__ void sqnorm_kernel(const scalar_t* __restrict__ zu, const int64_t* __restrict__ index,
+__global__ void sqnorm_kernel(const scalar_t* __restrict__ preact, const int64_t* __restrict__ index,
                               at::opmath_type<scalar_t> alpha, scalar_t* __restrict__ sq, int64_t B, int64_t K,
                               int64_t R, int64_t OUT) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -85,9 +85,9 @@ __global__ void sqnorm_kernel(const scalar_t* __restrict__ zu, const int64_t* __
   acc_t s = 0;
   for (int64_t o = threadIdx.x; o < OUT; o += blockDim.x) {
     acc_t d1, unused1, unused2;
-    act_eval<A, false, true, false>(static_cast<acc_t>(zu[b * OUT + o]), alpha, unused1, d1, unused2);
+    act_eval<A, false, true, false>(static_cast<acc_t>(preact[b * OUT + o]), alpha, unused1, d1, unused2);
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t v = d1 * static_cast<acc_t>(zu[(B + k * R + r) * OUT + o]);
+      const acc_t v = d1 * static_cast<acc_t>(preact[(B + k * R + r) * OUT + o]);
       s += v * v;
     }
   }
@@ -105,7 +105,7 @@ __global__ void sqnorm_kernel(const scalar_t* __restrict__ zu, const int64_t* __
 // or gsq [R] (SQNORM). starts [B + 1] / perm [R]: CSR of the inverse of index
 // (null: r == b).
 template <typename scalar_t, int A, bool SQNORM, bool TAN>
-__global__ void backward_kernel(const scalar_t* __restrict__ zu, const uint8_t* __restrict__ mask,
+__global__ void backward_kernel(const scalar_t* __restrict__ preact, const uint8_t* __restrict__ mask,
                                 at::opmath_type<scalar_t> alpha, const scalar_t* __restrict__ gy,
                                 const scalar_t* __restrict__ gtan, const int64_t* __restrict__ starts,
                                 const int64_t* __restrict__ perm, scalar_t* __restrict__ gz,
@@ -122,9 +122,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ zu, const uint8_t* 
       if (mask) {
         d1 = mask[i] ? acc_t(1) : (A == kLeakyRelu ? alpha : acc_t(0));
       } else if constexpr (SMOOTH) {
-        act_eval<A, false, true, true>(static_cast<acc_t>(zu[i]), alpha, unused, d1, d2);
+        act_eval<A, false, true, true>(static_cast<acc_t>(preact[i]), alpha, unused, d1, d2);
       } else {
-        act_eval<A, false, true, false>(static_cast<acc_t>(zu[i]), alpha, unused, d1, d2);
+        act_eval<A, false, true, false>(static_cast<acc_t>(preact[i]), alpha, unused, d1, d2);
       }
     }
     acc_t acc = 0;
@@ -136,7 +136,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ zu, const uint8_t* 
         for (int64_t k = 0; k < K; ++k) {
           const int64_t row = k * R + r;
           acc_t u = 0;
-          if constexpr (SQNORM || SMOOTH) u = static_cast<acc_t>(zu[(B + row) * OUT + o]);
+          if constexpr (SQNORM || SMOOTH) u = static_cast<acc_t>(preact[(B + row) * OUT + o]);
           acc_t g;
           if constexpr (SQNORM) {
             g = c * d1 * u;  // d sq / d t'
@@ -168,11 +168,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   TORCH_INTERNAL_ASSERT(x.is_cuda());
   const c10::cuda::CUDAGuard guard(x.device());
   const std::optional<at::Tensor> bias = opt_contiguous(bias_in), index = opt_contiguous(index_in);
-  at::Tensor zu = stacked_gemm(x, t, weight, d);
+  at::Tensor preact = stacked_gemm(x, t, weight, d);
   at::Tensor y = at::empty({d.B, d.OUT}, x.options());
   at::Tensor out = sqnorm ? at::empty({d.R}, x.options()) : at::empty({d.K, d.R, d.OUT}, x.options());
   const bool keep_mask = save && !sqnorm && mask_activation(act);
-  const bool keep_zu = save && (sqnorm || !piecewise_linear(act));
+  const bool keep_preact = save && (sqnorm || !piecewise_linear(act));
   at::Tensor mask = at::empty({keep_mask ? d.B : 0, keep_mask ? d.OUT : 0}, x.options().dtype(at::kByte));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dual_linear_cuda", [&] {
@@ -184,13 +184,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const int64_t n = d.B * d.OUT;
       if (n > 0) {
         primal_kernel<scalar_t, ac><<<num_blocks(n), kThreads, 0, stream>>>(
-            zu.data_ptr<scalar_t>(), opt_ptr<scalar_t>(bias), a, y.data_ptr<scalar_t>(),
+            preact.data_ptr<scalar_t>(), opt_ptr<scalar_t>(bias), a, y.data_ptr<scalar_t>(),
             keep_mask ? mask.data_ptr<uint8_t>() : nullptr, n, d.OUT);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (sqnorm) {
         if (d.R > 0) {
-          sqnorm_kernel<scalar_t, ac><<<d.R, kThreads, 0, stream>>>(zu.data_ptr<scalar_t>(), ip, a,
+          sqnorm_kernel<scalar_t, ac><<<d.R, kThreads, 0, stream>>>(preact.data_ptr<scalar_t>(), ip, a,
                                                                      out.data_ptr<scalar_t>(), d.B, d.K, d.R, d.OUT);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
@@ -198,28 +198,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         const int64_t nt = d.K * d.R * d.OUT;
         if (nt > 0) {
           tangent_kernel<scalar_t, ac><<<num_blocks(nt), kThreads, 0, stream>>>(
-              zu.data_ptr<scalar_t>(), ip, a, out.data_ptr<scalar_t>(), nt, d.B, d.R, d.OUT);
+              preact.data_ptr<scalar_t>(), ip, a, out.data_ptr<scalar_t>(), nt, d.B, d.R, d.OUT);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
     });
   });
-  if (!keep_zu) zu = at::empty({0, d.OUT}, x.options());
-  return {y, out, mask, zu};
+  if (!keep_preact) preact = at::empty({0, d.OUT}, x.options());
+  return {y, out, mask, preact};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const std::optional<at::Tensor>& gy_in, const std::optional<at::Tensor>& gtan_in,
     const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mask_in, const at::Tensor& zu_in, const std::optional<at::Tensor>& index, at::IntArrayRef dims,
+    const at::Tensor& mask_in, const at::Tensor& preact_in, const std::optional<at::Tensor>& index, at::IntArrayRef dims,
     int64_t act, double alpha, std::array<bool, 4> output_mask, bool sqnorm) {
   const std::optional<at::Tensor> gy = opt_contiguous(gy_in), gtan = opt_contiguous(gtan_in);
   BackwardPlan p;
-  const Dims d = check_backward(dims, act, mask_in, zu_in, sqnorm, gy, gtan, x, t, weight, output_mask, p);
+  const Dims d = check_backward(dims, act, mask_in, preact_in, sqnorm, gy, gtan, x, t, weight, output_mask, p);
   const at::Tensor& ref = gy.has_value() ? *gy : *gtan;
   TORCH_INTERNAL_ASSERT(ref.is_cuda());
   const c10::cuda::CUDAGuard guard(ref.device());
-  const at::Tensor zu = zu_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor preact = preact_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor G = at::empty({d.B + d.K * d.R, d.OUT}, ref.options());
   // Inverse of index as CSR (rows perm[starts[b] .. starts[b+1]) ride on b), on the device.
   at::Tensor starts, perm;
@@ -236,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       dispatch_act(act, [&](auto A) {
         constexpr int ac = decltype(A)::value;
         const uint8_t* mp = (!sqnorm && mask_activation(ac)) ? mask.data_ptr<uint8_t>() : nullptr;
-        const scalar_t* zp = zu.numel() ? zu.data_ptr<scalar_t>() : nullptr;
+        const scalar_t* zp = preact.numel() ? preact.data_ptr<scalar_t>() : nullptr;
         const scalar_t* gyp = opt_ptr<scalar_t>(gy);
         const scalar_t* gtp = opt_ptr<scalar_t>(gtan);
         const int64_t* sp = starts.defined() ? starts.data_ptr<int64_t>() : nullptr;

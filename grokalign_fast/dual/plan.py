@@ -17,7 +17,7 @@ Backends (``backend=``), fastest first:
 - ``"dual"``: plain PyTorch ops in one pass. Forward estimator: the dual-stream engine
   (:func:`~grokalign_fast.dual.engine.run`) on any model (convolutions, norms, pooling, residual
   connections, custom ``forward``); reverse estimator: the one-pass output-space path of
-  piecewise-linear MLPs (:mod:`grokalign_fast.ops.mlp.reverse`).
+  piecewise-linear MLPs (:mod:`grokalign_fast.ops.mlp.reverse_mlp`).
 - ``"reference"``: the autograd / ``torch.func`` estimators of :mod:`grokalign_fast.jacobian`,
   any estimator on any model (an extra forward and a double backward).
 
@@ -36,7 +36,8 @@ from torch import nn
 from .. import _backends
 from ..jacobian import penalty_estimate, safe_sqrt
 from ..ops.mlp import model as mlp_model
-from ..ops.mlp import reverse as mlp_reverse
+from ..ops.mlp import reverse_mlp as mlp_reverse
+from ..ops.mlp import whole_mlp
 from ..probes import drawer, resolve_probes
 from . import engine
 from .trace import mlp_chain
@@ -221,7 +222,7 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
         C = [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
         draw = drawer(resolve_probes(probes, "reverse"), K, (C,), C, dtype=dtype, device=device, generator=generator)
         if backend == "cpp":
-            op = mlp_model.whole_mlp_runner("reverse_mlp", steps)
+            op = whole_mlp.whole_mlp_runner("reverse_mlp", steps)
 
             def run(x, index=None, scale=1.0):
                 return op(x, draw(rows(x, index)), index, root, scale)
@@ -237,8 +238,8 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
     draw = drawer(resolve_probes(probes, "forward"), K, in_shape, math.prod(in_shape), dtype=dtype, device=device,
                   generator=generator)
     training = bool(getattr(model, "training", False))
-    if backend == "cpp" and mlp_model.whole_mlp_reason(steps, training, x) is None:
-        op = mlp_model.whole_mlp_runner("dual_mlp_sqnorm", steps)
+    if backend == "cpp" and whole_mlp.whole_mlp_reason(steps, training, x) is None:
+        op = whole_mlp.whole_mlp_runner("dual_mlp_sqnorm", steps)
 
         def run(x, index=None, scale=1.0):
             return op(x, draw(rows(x, index)), index, root, scale)

@@ -20,7 +20,7 @@ from .reference import ACTIVATIONS
 ORDER = ("cpp", "triton", "reference")
 
 
-def check_args(x, t, weight, bias, act, alpha, index) -> None:
+def check_args(x, t, weight, bias, act, index) -> None:
     """Shape/dtype checks shared by every backend, each error naming the argument."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
@@ -67,7 +67,7 @@ def backend_module(name: str):
 
 
 def _choose(x, t, weight, bias, act, alpha, index, backend) -> object:
-    check_args(x, t, weight, bias, act, alpha, index)
+    check_args(x, t, weight, bias, act, index)
     name = _backends.select(backend, unavailable_reasons(x, t, weight, bias, act, index), ORDER)
     return backend_module(name)
 

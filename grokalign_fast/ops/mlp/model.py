@@ -7,7 +7,8 @@ flattened) of ``nn.Linear``, the activations of :data:`MODULE_ACTIVATIONS`,
 ``nn.Identity``, where every activation directly follows a Linear (it is fused
 into that Linear's epilogue) and the model ends with a Linear (optionally
 followed by its activation). :func:`plan` returns the layer plan or the reason a
-model does not qualify.
+model does not qualify. A piecewise-linear plan can also run as one call of a
+whole-MLP op (:mod:`.whole_mlp`).
 
 The tangent streams start from the probes ``V`` ([K, R, *x.shape[1:]]), for the
 primal rows ``index`` (all rows when None); the last layer reduces
@@ -22,9 +23,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..._backends import extension_ops_reason
 from . import function
-from .reference import ACT_CODE
 
 MODULE_ACTIVATIONS = {
     nn.ReLU: "relu",
@@ -132,55 +131,6 @@ def unavailable_reasons(model, x: torch.Tensor, steps: Optional[List[Step]] = No
     return reasons
 
 
-WHOLE_MLP_ACTIVATIONS = ("identity", "relu", "leaky_relu")
-
-
-def whole_mlp_reason(steps: List[Step], training: bool, x: torch.Tensor) -> Optional[str]:
-    """None when the whole-MLP op ``grokalign::dual_mlp_sqnorm`` (one call for every layer,
-    primal and tangent rows stacked through each GEMM) can run the plan, else why not."""
-    for s in steps:
-        if isinstance(s, LinearStep) and s.act not in WHOLE_MLP_ACTIVATIONS:
-            return f"the whole-MLP op needs piecewise-linear activations {WHOLE_MLP_ACTIVATIONS}, got {s.act!r}"
-        if isinstance(s, DropoutStep) and training and s.p > 0:
-            return "the whole-MLP op does not run dropout in training mode"
-    if x.device.type not in ("cpu", "cuda"):
-        return f"the whole-MLP op runs on cpu and cuda tensors, not {x.device.type}"
-    return extension_ops_reason(("dual_mlp_sqnorm", "dual_mlp_sqnorm_backward"))
-
-
-def whole_mlp_op_args(steps: List[Step]):
-    """``(weights, biases, has_bias, acts, alphas)``: the plan's Linear layers as the whole-MLP ops
-    (``grokalign::dual_mlp_sqnorm``, ``grokalign::reverse_mlp``) take them."""
-    linear = [s for s in steps if isinstance(s, LinearStep)]
-    weights = [s.linear.weight for s in linear]
-    biases = [s.linear.bias for s in linear if s.linear.bias is not None]
-    has_bias = [s.linear.bias is not None for s in linear]
-    acts = [ACT_CODE[s.act] for s in linear]
-    alphas = [float(s.alpha) for s in linear]
-    return weights, biases, has_bias, acts, alphas
-
-
-def whole_mlp_runner(op_name: str, steps: List[Step]):
-    """``run(x, probes, index=None, root=False, scale=1.0) -> (y, est)`` calling the whole-MLP op
-    ``torch.ops.grokalign.<op_name>`` (``"dual_mlp_sqnorm"`` or ``"reverse_mlp"``) on ``x``
-    flattened to [B, IN] and probes [K, R, ...] flattened to [K, R, n]. With ``root`` the op
-    returns the per-row square root of the estimate (value and gradient 0 at 0); ``est`` comes
-    times ``scale`` (a penalty weight folded into the op: ``weight / R`` makes ``est.sum()`` the
-    weighted mean). The layer arguments are gathered here, once: a caller that keeps the runner
-    (``GrokAlign``'s path cache) must rebuild it when a parameter is replaced."""
-    op = getattr(torch.ops.grokalign, op_name)
-    args = whole_mlp_op_args(steps)
-
-    def run(x: torch.Tensor, probes: torch.Tensor, index: Optional[torch.Tensor] = None, root: bool = False,
-            scale: float = 1.0):
-        h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
-        v = probes if probes.dim() == 3 else probes.reshape(probes.shape[0], probes.shape[1], -1)
-        y, est, _ = op(h, v, index, *args, root, scale)
-        return y, est
-
-    return run
-
-
 def dual_forward(
     steps: List[Step],
     x: torch.Tensor,
@@ -199,15 +149,18 @@ def dual_forward(
     ``checked=True``: the caller has already checked with :func:`unavailable_reasons` that the
     named ``backend`` ("cpp", "triton" or "reference") runs every layer, and the per-layer
     argument checks and backend choice are skipped (~50 us per layer on a CPU). With
-    ``backend="cpp"`` a piecewise-linear plan (see :func:`whole_mlp_reason`) then runs as one
+    ``backend="cpp"`` a piecewise-linear plan (see :func:`.whole_mlp.whole_mlp_reason`) then runs as one
     call of the whole-MLP op ``grokalign::dual_mlp_sqnorm``; other plans run layer by layer.
     """
     K, R = V.shape[0], V.shape[1]
     h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
     t = V.reshape(K, R, -1)
     last = max(i for i, s in enumerate(steps) if isinstance(s, LinearStep))
-    if checked and backend == "cpp" and whole_mlp_reason(steps, training, x) is None:
-        return whole_mlp_runner("dual_mlp_sqnorm", steps)(h, t, index)
+    if checked and backend == "cpp":
+        from .whole_mlp import whole_mlp_reason, whole_mlp_runner  # whole_mlp imports this module's Step types
+
+        if whole_mlp_reason(steps, training, x) is None:
+            return whole_mlp_runner("dual_mlp_sqnorm", steps)(h, t, index)
     sq = None
     if checked:
         if backend not in function.ORDER:

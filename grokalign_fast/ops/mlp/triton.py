@@ -175,7 +175,7 @@ def _act_d2(z, ACT: tl.constexpr):
 
 
 @_jit
-def _load_d1(sv_ptr, offs, mask, ACC_FP64: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr):
+def _load_d1(saved_ptr, offs, mask, ACC_FP64: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr):
     """s' from the saved tensor: nothing (identity), the uint8 mask z > 0 (relu,
     leaky_relu) or z (smooth); returned in the accumulation dtype."""
     if ACC_FP64:
@@ -185,13 +185,13 @@ def _load_d1(sv_ptr, offs, mask, ACC_FP64: tl.constexpr, ACT: tl.constexpr, ALPH
     if ACT == 0:
         d1 = one
     elif ACT == 1:
-        pos = tl.load(sv_ptr + offs, mask=mask, other=0)
+        pos = tl.load(saved_ptr + offs, mask=mask, other=0)
         d1 = tl.where(pos != 0, one, 0.0)
     elif ACT == 2:
-        pos = tl.load(sv_ptr + offs, mask=mask, other=0)
+        pos = tl.load(saved_ptr + offs, mask=mask, other=0)
         d1 = tl.where(pos != 0, one, one * ALPHA)
     else:
-        z = tl.load(sv_ptr + offs, mask=mask, other=0.0).to(one.dtype)
+        z = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(one.dtype)
         d1 = _act_d1(z, ACT, ALPHA)
     return d1
 
@@ -213,12 +213,12 @@ _FWD_BN, _FWD_BK, _FWD_ROWS, _FWD_MAX_KC = 64, 32, 64, 8
 @_jit
 def _dual_linear_fwd_kernel(
     x_ptr, t_ptr, w_ptr, b_ptr, index_ptr,
-    y_ptr, sv_ptr, tout_ptr, u_ptr, sqp_ptr,
+    y_ptr, saved_ptr, tout_ptr, u_ptr, sq_part_ptr,
     M, IN, OUT, K,
     stride_xm, stride_xi, stride_tk, stride_tr, stride_ti, stride_wo, stride_wi,
     ACT: tl.constexpr, ALPHA: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PRIMAL: tl.constexpr, HAS_TANGENT: tl.constexpr,
-    GATHER: tl.constexpr, STORE_SV: tl.constexpr, STORE_TOUT: tl.constexpr,
+    GATHER: tl.constexpr, STORE_SAVED: tl.constexpr, STORE_TOUT: tl.constexpr,
     STORE_U: tl.constexpr, SQNORM: tl.constexpr,
     ACC_FP64: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -228,7 +228,7 @@ def _dual_linear_fwd_kernel(
     Rows are primal rows (HAS_PRIMAL, M = B) or tangent rows (M = R); with
     HAS_PRIMAL and HAS_TANGENT together they coincide (index=None). With
     GATHER (tangent-only pass) s' comes from the saved tensor at rows index[r].
-    Outputs y, sv are [B, OUT]; tout, u are [K, R, OUT]; sqp is [chunks * n-tiles, R]; all contiguous.
+    Outputs y, saved are [B, OUT]; tout, u are [K, R, OUT]; sq_part is [chunks * n-tiles, R]; all contiguous.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -286,16 +286,16 @@ def _dual_linear_fwd_kernel(
             z = z + b[None, :]
         first = mn_ok & (pid_c == 0)  # stream chunks > 0 recompute z but store nothing
         tl.store(y_ptr + offs_mn, _act_fwd(z, ACT, ALPHA).to(y_ptr.dtype.element_ty), mask=first)
-        if STORE_SV:
+        if STORE_SAVED:
             if ACT == 1 or ACT == 2:
-                tl.store(sv_ptr + offs_mn, (z > 0).to(tl.uint8), mask=first)
+                tl.store(saved_ptr + offs_mn, (z > 0).to(tl.uint8), mask=first)
             elif ACT >= 3:
-                tl.store(sv_ptr + offs_mn, z.to(sv_ptr.dtype.element_ty), mask=first)
+                tl.store(saved_ptr + offs_mn, z.to(saved_ptr.dtype.element_ty), mask=first)
 
     if HAS_TANGENT:
         if GATHER:
             zrow = tl.load(index_ptr + rm, mask=m_ok, other=0)
-            d1 = _load_d1(sv_ptr, zrow[:, None] * OUT + rn[None, :], mn_ok, ACC_FP64, ACT, ALPHA)
+            d1 = _load_d1(saved_ptr, zrow[:, None] * OUT + rn[None, :], mn_ok, ACC_FP64, ACT, ALPHA)
         else:
             d1 = _act_d1(z, ACT, ALPHA)
         u3 = tl.reshape(acc_u, (KC, BM, BN))
@@ -310,7 +310,7 @@ def _dual_linear_fwd_kernel(
         if SQNORM:
             # masked loads left zeros outside the problem, so the sums need no mask
             part = tl.sum(tl.sum(tout * tout, axis=2), axis=0)
-            tl.store(sqp_ptr + (pid_c * tl.num_programs(1) + pid_n) * M + rm, part, mask=m_ok)
+            tl.store(sq_part_ptr + (pid_c * tl.num_programs(1) + pid_n) * M + rm, part, mask=m_ok)
 
 
 # ----------------------------------------------------------------------------
@@ -323,7 +323,7 @@ _EPI_BM, _EPI_BN = 32, 64
 
 @_jit
 def _dual_linear_bwd_epilogue_kernel(
-    gy_ptr, gt_ptr, gsq_ptr, sv_ptr, u_ptr, index_ptr, g_ptr,
+    gy_ptr, gt_ptr, gsq_ptr, saved_ptr, u_ptr, index_ptr, g_ptr,
     M, B, OUT, K,
     stride_gym, stride_gyo, stride_gtk, stride_gtr, stride_gto, stride_gsq,
     ACT: tl.constexpr, ALPHA: tl.constexpr,
@@ -356,7 +356,7 @@ def _dual_linear_bwd_epilogue_kernel(
     if PRIMAL_ROWS:
         if HAS_GY:
             gy = tl.load(gy_ptr + rm[:, None] * stride_gym + rn[None, :] * stride_gyo, mask=mn_ok, other=0.0)
-            gz = gy.to(acc_dtype) * _load_d1(sv_ptr, offs_mn, mn_ok, ACC_FP64, ACT, ALPHA)
+            gz = gy.to(acc_dtype) * _load_d1(saved_ptr, offs_mn, mn_ok, ACC_FP64, ACT, ALPHA)
 
     if TANGENT:
         if GATHER:
@@ -365,10 +365,10 @@ def _dual_linear_bwd_epilogue_kernel(
             zrow = rm
         z_offs = zrow[:, None] * OUT + rn[None, :]
         if ACT >= 3:
-            z = tl.load(sv_ptr + z_offs, mask=mn_ok, other=0.0).to(acc_dtype)
+            z = tl.load(saved_ptr + z_offs, mask=mn_ok, other=0.0).to(acc_dtype)
             d1 = _act_d1(z, ACT, ALPHA)
         else:
-            d1 = _load_d1(sv_ptr, z_offs, mn_ok, ACC_FP64, ACT, ALPHA)
+            d1 = _load_d1(saved_ptr, z_offs, mn_ok, ACC_FP64, ACT, ALPHA)
         if SQNORM:
             gs = tl.load(gsq_ptr + rm * stride_gsq, mask=m_ok, other=0.0).to(acc_dtype)
             gscale = gs[:, None] * d1 * 2.0 / K  # g_k = (2/K) gsq t'_k = gscale * u_k
@@ -514,7 +514,7 @@ def _block(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _common(x: torch.Tensor):
+def _precision(x: torch.Tensor):
     """(ACC_FP64, UPCAST, DOT_PRECISION) for x's dtype."""
     fp64 = x.dtype == torch.float64
     # The interpreter gets bfloat16 wrong: tl.dot multiplies the raw bits and
@@ -537,31 +537,32 @@ def _saved_dtype(act: str, dtype: torch.dtype) -> Optional[torch.dtype]:
 
 
 def _fwd(x, t, weight, bias, act, alpha, index, sqnorm, save):
-    """Launch the forward; returns (y, t_out or sq, sv, u) with sv/u None unless saved."""
+    """Launch the forward; returns (y, t_out or sq, saved, u): saved (the mask or z, see
+    :func:`_saved_dtype`) and u are None unless ``save`` asks for them."""
     B, IN = x.shape
     OUT = weight.shape[0]
     K, R = t.shape[0], t.shape[1]
     dev, dtype = x.device, x.dtype
-    fp64, upcast, precision = _common(x)
+    fp64, upcast, precision = _precision(x)
     smooth = act not in PIECEWISE_LINEAR
-    st = torch.float32 if upcast else dtype  # what the kernel writes
-    sv_dtype = _saved_dtype(act, st)
-    need_sv = sv_dtype is not None and (save or index is not None)
+    store_dtype = torch.float32 if upcast else dtype  # what the kernel writes
+    saved_dtype = _saved_dtype(act, store_dtype)
+    need_saved = saved_dtype is not None and (save or index is not None)
     store_u = save and (sqnorm or smooth)
 
-    y = torch.empty(B, OUT, device=dev, dtype=st)
-    sv = torch.empty(B, OUT, device=dev, dtype=sv_dtype) if need_sv else None
-    tout = None if sqnorm else torch.empty(K, R, OUT, device=dev, dtype=st)
-    u = torch.empty(K, R, OUT, device=dev, dtype=st) if store_u else None
+    y = torch.empty(B, OUT, device=dev, dtype=store_dtype)
+    saved = torch.empty(B, OUT, device=dev, dtype=saved_dtype) if need_saved else None
+    tout = None if sqnorm else torch.empty(K, R, OUT, device=dev, dtype=store_dtype)
+    u = torch.empty(K, R, OUT, device=dev, dtype=store_dtype) if store_u else None
 
     kc = min(triton.next_power_of_2(K), _FWD_MAX_KC)
     bn = _block(OUT, _FWD_BN)
     bk = _block(IN, _FWD_BK)
     n_chunks = triton.cdiv(K, kc)
     n_tiles = triton.cdiv(OUT, bn)
-    sqp = torch.zeros(n_chunks * n_tiles, R, device=dev, dtype=_acc_dtype(dtype)) if sqnorm else None
+    sq_part = torch.zeros(n_chunks * n_tiles, R, device=dev, dtype=_acc_dtype(dtype)) if sqnorm else None
     dummy = y  # stands in for pointers a launch does not touch
-    common = dict(
+    consts = dict(
         ACT=ACT_CODE[act], ALPHA=float(alpha), HAS_BIAS=bias is not None,
         ACC_FP64=fp64, UPCAST=upcast, DOT_PRECISION=precision, BN=bn, BK=bk,
     )
@@ -572,52 +573,52 @@ def _fwd(x, t, weight, bias, act, alpha, index, sqnorm, save):
         if B and OUT:
             _dual_linear_fwd_kernel[grid](
                 x, t, weight, dummy if bias is None else bias, dummy,
-                y, dummy if sv is None else sv, dummy if tout is None else tout,
-                dummy if u is None else u, dummy if sqp is None else sqp,
+                y, dummy if saved is None else saved, dummy if tout is None else tout,
+                dummy if u is None else u, dummy if sq_part is None else sq_part,
                 B, IN, OUT, K, x.stride(0), x.stride(1), *t_strides, weight.stride(0), weight.stride(1),
-                HAS_PRIMAL=True, HAS_TANGENT=True, GATHER=False, STORE_SV=sv is not None,
+                HAS_PRIMAL=True, HAS_TANGENT=True, GATHER=False, STORE_SAVED=saved is not None,
                 STORE_TOUT=tout is not None, STORE_U=u is not None, SQNORM=sqnorm,
-                KC=kc, BM=bm, **common,
+                KC=kc, BM=bm, **consts,
             )
     else:
         bm = _block(B, _FWD_ROWS)
         if B and OUT:
             _dual_linear_fwd_kernel[(triton.cdiv(B, bm), n_tiles, 1)](
                 x, t, weight, dummy if bias is None else bias, dummy,
-                y, dummy if sv is None else sv, dummy, dummy, dummy,
+                y, dummy if saved is None else saved, dummy, dummy, dummy,
                 B, IN, OUT, K, x.stride(0), x.stride(1), *t_strides, weight.stride(0), weight.stride(1),
-                HAS_PRIMAL=True, HAS_TANGENT=False, GATHER=False, STORE_SV=sv is not None,
-                STORE_TOUT=False, STORE_U=False, SQNORM=False, KC=1, BM=bm, **common,
+                HAS_PRIMAL=True, HAS_TANGENT=False, GATHER=False, STORE_SAVED=saved is not None,
+                STORE_TOUT=False, STORE_U=False, SQNORM=False, KC=1, BM=bm, **consts,
             )
         bm = _block(R, max(16, _FWD_ROWS // kc))
         if R and OUT:
             _dual_linear_fwd_kernel[(triton.cdiv(R, bm), n_tiles, n_chunks)](
                 x, t, weight, dummy, index,
-                dummy, dummy if sv is None else sv, dummy if tout is None else tout,
-                dummy if u is None else u, dummy if sqp is None else sqp,
+                dummy, dummy if saved is None else saved, dummy if tout is None else tout,
+                dummy if u is None else u, dummy if sq_part is None else sq_part,
                 R, IN, OUT, K, x.stride(0), x.stride(1), *t_strides, weight.stride(0), weight.stride(1),
-                HAS_PRIMAL=False, HAS_TANGENT=True, GATHER=True, STORE_SV=False,
+                HAS_PRIMAL=False, HAS_TANGENT=True, GATHER=True, STORE_SAVED=False,
                 STORE_TOUT=tout is not None, STORE_U=u is not None, SQNORM=sqnorm,
-                KC=kc, BM=bm, **{**common, "HAS_BIAS": False},
+                KC=kc, BM=bm, **{**consts, "HAS_BIAS": False},
             )
     if sqnorm:
-        sq = (sqp.sum(0) / K).to(dtype)
-        return y.to(dtype), sq, (sv if save else None), u
-    return y.to(dtype), tout.to(dtype), (sv if save else None), u
+        sq = (sq_part.sum(0) / K).to(dtype)
+        return y.to(dtype), sq, (saved if save else None), u
+    return y.to(dtype), tout.to(dtype), (saved if save else None), u
 
 
-def _bwd(ctx, gy, g2):
-    x, t, weight, index, sv, u = ctx.saved_tensors
+def _bwd(ctx, gy, grad_tout_or_sq):
+    x, t, weight, index, saved, u = ctx.saved_tensors
     act, alpha, sqnorm = ctx.act, ctx.alpha, ctx.sqnorm
     need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
     B, IN = x.shape
     OUT = weight.shape[0]
     K, R = t.shape[0], t.shape[1]
     dev, dtype = x.device, x.dtype
-    fp64, upcast, precision = _common(x)
-    st = torch.float32 if upcast else dtype  # what the kernels write (see _common)
+    fp64, upcast, precision = _precision(x)
+    store_dtype = torch.float32 if upcast else dtype  # what the kernels write (see _precision)
     smooth = act not in PIECEWISE_LINEAR
-    has_tan = g2 is not None
+    has_tan = grad_tout_or_sq is not None
     need_gz = need_x or need_w or need_b
     need_gu = has_tan and (need_t or need_w)
     add_gzr = has_tan and need_gz and smooth
@@ -628,21 +629,23 @@ def _bwd(ctx, gy, g2):
     dummy = G
     gy_strides = (gy.stride(0), gy.stride(1)) if gy is not None else (0, 0)
     if has_tan and not sqnorm:
-        gt_strides, gsq_stride = (g2.stride(0), g2.stride(1), g2.stride(2)), 0
+        gt_strides, gsq_stride = tuple(grad_tout_or_sq.stride()), 0
     elif has_tan:
-        gt_strides, gsq_stride = (0, 0, 0), g2.stride(0)
+        gt_strides, gsq_stride = (0, 0, 0), grad_tout_or_sq.stride(0)
     else:
         gt_strides, gsq_stride = (0, 0, 0), 0
-    common = dict(
+    consts = dict(
         ACT=ACT_CODE[act], ALPHA=float(alpha), HAS_GY=gy is not None, SQNORM=sqnorm,
         STORE_GU=need_gu, ACC_FP64=fp64, BN=_block(OUT, _EPI_BN),
     )
     args = (
-        dummy if gy is None else gy, dummy if (g2 is None or sqnorm) else g2,
-        g2 if (has_tan and sqnorm) else dummy, dummy if sv is None else sv, dummy if u is None else u,
+        dummy if gy is None else gy,
+        grad_tout_or_sq if (has_tan and not sqnorm) else dummy,  # gt_ptr
+        grad_tout_or_sq if (has_tan and sqnorm) else dummy,  # gsq_ptr
+        dummy if saved is None else saved, dummy if u is None else u,
     )
     strides = (*gy_strides, *gt_strides, gsq_stride)
-    grid_n = triton.cdiv(OUT, common["BN"])
+    grid_n = triton.cdiv(OUT, consts["BN"])
     if OUT:
         if index is None:
             tangent = has_tan and (need_gu or add_gzr)
@@ -650,20 +653,20 @@ def _bwd(ctx, gy, g2):
                 bm = _block(B, _EPI_BM)
                 _dual_linear_bwd_epilogue_kernel[(triton.cdiv(B, bm), grid_n)](
                     *args, dummy, G, B, B, OUT, K, *strides,
-                    PRIMAL_ROWS=need_gz, TANGENT=tangent, GATHER=False, ADD_GZR=add_gzr, BM=bm, **common,
+                    PRIMAL_ROWS=need_gz, TANGENT=tangent, GATHER=False, ADD_GZR=add_gzr, BM=bm, **consts,
                 )
         else:
             if need_gz and B:
                 bm = _block(B, _EPI_BM)
                 _dual_linear_bwd_epilogue_kernel[(triton.cdiv(B, bm), grid_n)](
                     *args, index, G, B, B, OUT, K, *strides,
-                    PRIMAL_ROWS=True, TANGENT=False, GATHER=False, ADD_GZR=False, BM=bm, **common,
+                    PRIMAL_ROWS=True, TANGENT=False, GATHER=False, ADD_GZR=False, BM=bm, **consts,
                 )
             if has_tan and (need_gu or add_gzr) and R:
                 bm = _block(R, _EPI_BM)
                 _dual_linear_bwd_epilogue_kernel[(triton.cdiv(R, bm), grid_n)](
                     *args, index, G, R, B, OUT, K, *strides,
-                    PRIMAL_ROWS=False, TANGENT=True, GATHER=True, ADD_GZR=add_gzr, BM=bm, **common,
+                    PRIMAL_ROWS=False, TANGENT=True, GATHER=True, ADD_GZR=add_gzr, BM=bm, **consts,
                 )
 
     gx = gt_in = gw = gb = None
@@ -672,7 +675,7 @@ def _bwd(ctx, gy, g2):
     if need_x or need_t_rows:
         lo = 0 if need_x else B
         hi = B + K * R if need_t_rows else B
-        C = torch.empty(hi - lo, IN, device=dev, dtype=st)
+        C = torch.empty(hi - lo, IN, device=dev, dtype=store_dtype)
         A = G[lo:hi]
         bm, bn, bk = _block(hi - lo, _MM_BM), _block(IN, _MM_BN), _block(OUT, _MM_BK)
         if hi > lo and IN:
@@ -687,8 +690,8 @@ def _bwd(ctx, gy, g2):
         if need_t_rows:
             gt_in = C[B - lo:].view(K, R, IN)
     if need_w:
-        gw = torch.empty(OUT, IN, device=dev, dtype=st)
-        gb = torch.empty(OUT, device=dev, dtype=st) if need_b else None
+        gw = torch.empty(OUT, IN, device=dev, dtype=store_dtype)
+        gb = torch.empty(OUT, device=dev, dtype=store_dtype) if need_b else None
         bo, bi = _block(OUT, _W_BO), _block(IN, _W_BI)
         br = _block(max(B, K * R if need_gu else 0), _W_BR)
         if OUT and IN:
@@ -702,7 +705,7 @@ def _bwd(ctx, gy, g2):
             gb = G[:B].sum(0).to(weight.dtype)
     elif need_b:
         gb = G[:B].sum(0).to(weight.dtype)  # plain torch column sum: W needs no gradient
-    cast = (lambda v: v) if st == dtype else (lambda v: None if v is None else v.to(dtype))
+    cast = (lambda v: v) if store_dtype == dtype else (lambda v: None if v is None else v.to(dtype))
     return cast(gx), cast(gt_in), cast(gw), cast(gb)
 
 
@@ -712,17 +715,17 @@ def _bwd(ctx, gy, g2):
 class _DualLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, weight, bias, index, act, alpha, sqnorm, save):
-        y, out2, sv, u = _fwd(x, t, weight, bias, act, alpha, index, sqnorm, save)
+        y, tout_or_sq, saved, u = _fwd(x, t, weight, bias, act, alpha, index, sqnorm, save)
         ctx.set_materialize_grads(False)
         ctx.act, ctx.alpha, ctx.sqnorm = act, alpha, sqnorm
         if save:
-            ctx.save_for_backward(x, t, weight, index, sv, u)
-        return y, out2
+            ctx.save_for_backward(x, t, weight, index, saved, u)
+        return y, tout_or_sq
 
     @staticmethod
     @once_differentiable  # the backward kernels are not themselves differentiable
-    def backward(ctx, gy, g2):
-        gx, gt, gw, gb = _bwd(ctx, gy, g2)
+    def backward(ctx, gy, grad_tout_or_sq):
+        gx, gt, gw, gb = _bwd(ctx, gy, grad_tout_or_sq)
         return gx, gt, gw, gb, None, None, None, None, None
 
 

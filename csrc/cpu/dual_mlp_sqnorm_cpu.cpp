@@ -9,14 +9,14 @@
 // slopes of their primal rows. One GEMM per layer in the forward, and in the backward one
 // GEMM per layer for dW_l = G_l^T S_{l-1} and one for G_l W_l, over the loss and penalty
 // rows together. Layer 1 reads x and v where they are, with two GEMMs each way: stacking
-// them into S_0 (a copy of B + K*R input rows, kept for the backward) gave no measurable
-// gain in interleaved training steps (2026-11-30). Per-layer ops (grokalign::dual_linear) cover the smooth
+// them into S_0 would copy B + K*R input rows and keep the copy for the backward, for no
+// measurable gain in training steps. Per-layer ops (grokalign::dual_linear) cover the smooth
 // activations; this op removes their per-layer dispatch and the separate, less efficient
 // GEMMs on the R tangent rows when R is a fraction of B (subsample). The elementwise
-// passes are single loops (common/pl_rows.h).
+// passes are single loops (common/row_passes.h).
 //
 //   sq[r] = (1/K) sum_k ||t_L[k, r]||^2,  d sq[r] / d t_L[k, r] = (2/K) t_L[k, r];
-//   with root, sqrt(sq[r]) (see pl_rows::seed_factor for its gradient); either times scale.
+//   with root, sqrt(sq[r]) (see row_passes::seed_factor for its gradient); either times scale.
 //
 // Registered for CompositeExplicitAutograd: ATen ops on any device (FakeTensor runs it for
 // shapes), CPU loops for the elementwise passes. Sits in csrc/cpu/ because setup.py and
@@ -30,15 +30,15 @@
 #include <tuple>
 #include <vector>
 
-#include "common/pl_mlp.h"
+#include "common/whole_mlp.h"
 
 namespace grokalign {
-namespace dual_mlp {
+namespace dual_mlp_sqnorm {
 namespace {
 
 using at::Tensor;
-using pl_mlp::bool_vector;
-using pl_rows::mul_slopes;
+using whole_mlp::bool_vector;
+using row_passes::mul_slopes;
 using OptTensor = std::optional<Tensor>;
 
 // Saved layout (2L tensors): S_1..S_{L-1} (the stacked inputs [B + K*R, n_{l-1}] of layers
@@ -51,9 +51,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
                                                              const std::vector<bool>& has_bias,
                                                              at::IntArrayRef acts, at::ArrayRef<double> alphas,
                                                              bool root, double scale) {
-  const pl_mlp::Shapes s =
-      pl_mlp::check_args("dual_mlp_sqnorm", "v", true, x_in, v, index, weights, biases, has_bias, acts, alphas);
-  pl_rows::check_index_range("dual_mlp_sqnorm", index, s.B);
+  const whole_mlp::Shapes s =
+      whole_mlp::check_args("dual_mlp_sqnorm", "v", true, x_in, v, index, weights, biases, has_bias, acts, alphas);
+  row_passes::check_index_range("dual_mlp_sqnorm", index, s.B);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
   std::vector<Tensor> S(L), D(L);
   Tensor Z;
@@ -68,13 +68,13 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> forward_impl(const Tensor& x_in,
       Z = at::mm(S[l], weights[l].t());  // [B + K*R, n_l]: primal rows, then tangent rows
     }
     const Tensor* bias = has_bias[l] ? &biases[nb++] : nullptr;
-    D[l] = pl_rows::activate(Z.narrow(0, 0, B), bias, acts[l], alphas[l]);
+    D[l] = row_passes::activate(Z.narrow(0, 0, B), bias, acts[l], alphas[l]);
     mul_slopes(Tensor(), Z.narrow(0, B, KR), D[l], index, K, R);
     if (l + 1 < L) S[l + 1] = Z;
   }
   const Tensor y = Z.narrow(0, 0, B).clone();  // an output of its own (outputs must not alias)
   const Tensor tL = Z.narrow(0, B, KR);
-  const Tensor sq = pl_rows::probe_sqnorm(tL, K, R, root, scale);
+  const Tensor sq = row_passes::probe_sqnorm(tL, K, R, root, scale);
   std::vector<Tensor> saved(S.begin() + 1, S.end());
   for (int64_t l = 0; l < L; ++l) saved.push_back(D[l].defined() ? D[l] : at::empty({0}, x_in.options()));
   saved.push_back(tL);
@@ -111,8 +111,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward_impl(
     top.zero_();
   }
   if (grad_sq.has_value() && grad_sq->defined()) {
-    const Tensor c = pl_rows::seed_factor(*grad_sq, tL, K, R, root, scale);
-    pl_rows::scale_rows(bottom, tL, c, K, R);
+    const Tensor c = row_passes::seed_factor(*grad_sq, tL, K, R, root, scale);
+    row_passes::scale_rows(bottom, tL, c, K, R);
     mul_slopes(Tensor(), bottom, dL, index, K, R);
   } else {
     bottom.zero_();
@@ -156,7 +156,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> dual_mlp_sqnorm_bac
   return backward_impl(grad_y, grad_sq, x, v, index, weights, saved, bool_vector(has_bias), need_x, root, scale);
 }
 
-struct DualMLPNames {
+struct DualMLPSqnormNames {
   static constexpr const char* kForward = "grokalign::dual_mlp_sqnorm";
   static constexpr const char* kBackward = "grokalign::dual_mlp_sqnorm_backward";
 };
@@ -168,7 +168,7 @@ TORCH_LIBRARY_IMPL(grokalign, CompositeExplicitAutograd, m) {
   m.impl("dual_mlp_sqnorm_backward", &dual_mlp_sqnorm_backward_op);
 }
 
-TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("dual_mlp_sqnorm", &pl_mlp::autograd_kernel<DualMLPNames>); }
+TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("dual_mlp_sqnorm", &whole_mlp::autograd_kernel<DualMLPSqnormNames>); }
 
-}  // namespace dual_mlp
+}  // namespace dual_mlp_sqnorm
 }  // namespace grokalign

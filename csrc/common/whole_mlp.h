@@ -1,7 +1,7 @@
 // Shared by the whole-MLP one-pass ops for piecewise-linear MLPs
-// (grokalign::reverse_mlp in csrc/cpu/reverse_mlp.cpp and grokalign::dual_mlp_sqnorm
-// in csrc/cpu/dual_mlp.cpp): argument checks and the autograd save / result helpers
-// (their elementwise passes are in common/pl_rows.h).
+// (grokalign::reverse_mlp in csrc/cpu/reverse_mlp_cpu.cpp and grokalign::dual_mlp_sqnorm
+// in csrc/cpu/dual_mlp_sqnorm_cpu.cpp): argument checks and the autograd save / result helpers
+// (their elementwise passes are in common/row_passes.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,10 +14,10 @@
 #include <vector>
 
 #include "common/dual_linear.h"
-#include "common/pl_rows.h"
+#include "common/row_passes.h"
 
 namespace grokalign {
-namespace pl_mlp {
+namespace whole_mlp {
 
 using at::Tensor;
 using dual_linear::kIdentity;
@@ -25,7 +25,7 @@ using dual_linear::kLeakyRelu;
 using dual_linear::kRelu;
 using OptTensor = std::optional<Tensor>;
 
-#define PL_CHECK(cond, ...) TORCH_CHECK(cond, "grokalign::", op, ": ", __VA_ARGS__)
+#define CHECK_OP_ARG(cond, ...) TORCH_CHECK(cond, "grokalign::", op, ": ", __VA_ARGS__)
 
 struct Shapes {
   int64_t L, B, K, R;
@@ -37,54 +37,54 @@ inline Shapes check_args(const char* op, const char* probe_name, bool input_prob
                          const Tensor& u, const OptTensor& index, at::TensorList weights, at::TensorList biases,
                          const std::vector<bool>& has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas) {
   const int64_t L = static_cast<int64_t>(weights.size());
-  PL_CHECK(L >= 1, "weights must hold at least one [OUT, IN] matrix");
-  PL_CHECK(static_cast<int64_t>(acts.size()) == L && static_cast<int64_t>(alphas.size()) == L &&
-               static_cast<int64_t>(has_bias.size()) == L,
-           "acts, alphas and has_bias need one entry per weight (", L, "), got ", acts.size(), ", ",
-           alphas.size(), ", ", has_bias.size());
-  PL_CHECK(x.dim() == 2, "x must have shape [B, IN], got ", x.sizes());
-  PL_CHECK(u.dim() == 3, probe_name, " must have shape [K, R, n], got ", u.sizes());
+  CHECK_OP_ARG(L >= 1, "weights must hold at least one [OUT, IN] matrix");
+  CHECK_OP_ARG(static_cast<int64_t>(acts.size()) == L && static_cast<int64_t>(alphas.size()) == L &&
+                   static_cast<int64_t>(has_bias.size()) == L,
+               "acts, alphas and has_bias need one entry per weight (", L, "), got ", acts.size(), ", ",
+               alphas.size(), ", ", has_bias.size());
+  CHECK_OP_ARG(x.dim() == 2, "x must have shape [B, IN], got ", x.sizes());
+  CHECK_OP_ARG(u.dim() == 3, probe_name, " must have shape [K, R, n], got ", u.sizes());
   const int64_t B = x.size(0), K = u.size(0), R = u.size(1);
-  PL_CHECK(K >= 1, probe_name, " must carry at least one probe (K >= 1)");
+  CHECK_OP_ARG(K >= 1, probe_name, " must carry at least one probe (K >= 1)");
   int64_t n = x.size(1);
   int64_t nb = 0;
   for (int64_t l = 0; l < L; ++l) {
     const Tensor& w = weights[l];
-    PL_CHECK(w.dim() == 2 && w.size(1) == n, "weights[", l, "] must have shape [OUT, ", n, "], got ", w.sizes());
-    PL_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), "weights[", l, "] (", w.scalar_type(),
-             ", ", w.device(), ") must match x (", x.scalar_type(), ", ", x.device(), ")");
-    PL_CHECK(acts[l] == kIdentity || acts[l] == kRelu || acts[l] == kLeakyRelu, "acts[", l,
-             "] must be a piecewise-linear activation code (identity 0, relu 1, leaky_relu 2), got ", acts[l]);
+    CHECK_OP_ARG(w.dim() == 2 && w.size(1) == n, "weights[", l, "] must have shape [OUT, ", n, "], got ", w.sizes());
+    CHECK_OP_ARG(w.scalar_type() == x.scalar_type() && w.device() == x.device(), "weights[", l, "] (", w.scalar_type(),
+                 ", ", w.device(), ") must match x (", x.scalar_type(), ", ", x.device(), ")");
+    CHECK_OP_ARG(acts[l] == kIdentity || acts[l] == kRelu || acts[l] == kLeakyRelu, "acts[", l,
+                 "] must be a piecewise-linear activation code (identity 0, relu 1, leaky_relu 2), got ", acts[l]);
     if (has_bias[l]) {
-      PL_CHECK(nb < static_cast<int64_t>(biases.size()), "biases holds ", biases.size(),
-               " tensors but has_bias marks more layers");
+      CHECK_OP_ARG(nb < static_cast<int64_t>(biases.size()), "biases holds ", biases.size(),
+                   " tensors but has_bias marks more layers");
       const Tensor& b = biases[nb++];
-      PL_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "the bias of layer ", l, " must have shape [", w.size(0),
-               "], got ", b.sizes());
-      PL_CHECK(b.scalar_type() == x.scalar_type() && b.device() == x.device(), "the bias of layer ", l,
-               " must match x's dtype and device");
+      CHECK_OP_ARG(b.dim() == 1 && b.size(0) == w.size(0), "the bias of layer ", l, " must have shape [", w.size(0),
+                   "], got ", b.sizes());
+      CHECK_OP_ARG(b.scalar_type() == x.scalar_type() && b.device() == x.device(), "the bias of layer ", l,
+                   " must match x's dtype and device");
     }
     n = w.size(0);
   }
-  PL_CHECK(nb == static_cast<int64_t>(biases.size()), "biases holds ", biases.size(), " tensors, has_bias marks ",
-           nb);
+  CHECK_OP_ARG(nb == static_cast<int64_t>(biases.size()), "biases holds ", biases.size(), " tensors, has_bias marks ",
+               nb);
   const int64_t want = input_probes ? x.size(1) : n;
-  PL_CHECK(u.size(2) == want, probe_name, " must have shape [K, R, ", want, "] (the MLP's ",
-           input_probes ? "inputs" : "outputs", "), got ", u.sizes());
-  PL_CHECK(u.scalar_type() == x.scalar_type() && u.device() == x.device(), probe_name,
-           " must match x's dtype and device");
+  CHECK_OP_ARG(u.size(2) == want, probe_name, " must have shape [K, R, ", want, "] (the MLP's ",
+               input_probes ? "inputs" : "outputs", "), got ", u.sizes());
+  CHECK_OP_ARG(u.scalar_type() == x.scalar_type() && u.device() == x.device(), probe_name,
+               " must match x's dtype and device");
   if (index.has_value()) {
-    PL_CHECK(index->dim() == 1 && index->size(0) == R && index->scalar_type() == at::kLong &&
-                 index->device() == x.device(),
-             "index must be a long tensor [R=", R, "] on x's device, got ", index->scalar_type(), " ",
-             index->sizes());
+    CHECK_OP_ARG(index->dim() == 1 && index->size(0) == R && index->scalar_type() == at::kLong &&
+                     index->device() == x.device(),
+                 "index must be a long tensor [R=", R, "] on x's device, got ", index->scalar_type(), " ",
+                 index->sizes());
   } else {
-    PL_CHECK(R == B, probe_name, " has R=", R, " rows but x has B=", B, "; pass index for a subset of rows");
+    CHECK_OP_ARG(R == B, probe_name, " has R=", R, " rows but x has B=", B, "; pass index for a subset of rows");
   }
   return {L, B, K, R};
 }
 
-#undef PL_CHECK
+#undef CHECK_OP_ARG
 
 inline std::vector<bool> bool_vector(const c10::List<bool>& list) {
   std::vector<bool> out;
@@ -179,5 +179,5 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> autograd_kernel(const Tensor& x,
   return {out[0], out[1], std::vector<Tensor>(out.begin() + 2, out.end())};
 }
 
-}  // namespace pl_mlp
+}  // namespace whole_mlp
 }  // namespace grokalign

@@ -1,6 +1,6 @@
 // grokalign::reverse_mlp: the output-space ("reverse") Hutchinson estimate of
 // ||J(x)||_F^2 for a piecewise-linear MLP in one pass, with its autograd.
-// grokalign_fast/ops/mlp/reverse.py is the specification (and the Python
+// grokalign_fast/ops/mlp/reverse_mlp.py is the specification (and the Python
 // fallback); the math, for layers l = 1..L with z_l = h_{l-1} W_l^T + b_l,
 // h_l = s_l(z_l), D_l = diag(s_l'(z_l)) and output probes u [K, R, C]:
 //
@@ -30,15 +30,15 @@
 #include <tuple>
 #include <vector>
 
-#include "common/pl_mlp.h"
+#include "common/whole_mlp.h"
 
 namespace grokalign {
 namespace reverse_mlp {
 namespace {
 
 using at::Tensor;
-using pl_mlp::bool_vector;
-using pl_rows::mul_slopes;
+using whole_mlp::bool_vector;
+using row_passes::mul_slopes;
 using OptTensor = std::optional<Tensor>;
 
 // delta_L = D_L u as [K*R, C] rows (u itself, reshaped, for an identity last layer): probe
@@ -57,10 +57,10 @@ Tensor last_delta(const Tensor& u, const Tensor& DL, const OptTensor& index, int
 std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
     const Tensor& x_in, const Tensor& u_in, const OptTensor& index, at::TensorList weights, at::TensorList biases,
     const std::vector<bool>& has_bias, at::IntArrayRef acts, at::ArrayRef<double> alphas, bool root, double scale) {
-  const pl_mlp::Shapes s =
-      pl_mlp::check_args("reverse_mlp", "u", false, x_in, u_in, index, weights, biases, has_bias, acts, alphas);
+  const whole_mlp::Shapes s =
+      whole_mlp::check_args("reverse_mlp", "u", false, x_in, u_in, index, weights, biases, has_bias, acts, alphas);
   const int64_t L = s.L, B = s.B, K = s.K, R = s.R, KR = K * R;
-  pl_rows::check_index_range("reverse_mlp", index, s.B);
+  row_passes::check_index_range("reverse_mlp", index, s.B);
   const Tensor x = x_in.contiguous();
   std::vector<Tensor> S(L), D(L), delta(L);
   // Primal: z_l into the top rows of S_l (hidden layers) or into y (last layer).
@@ -77,12 +77,12 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
     } else {
       z = at::mm(h, w.t());
     }
-    D[l] = pl_rows::activate(z, has_bias[l] ? &biases[nb++] : nullptr, acts[l], alphas[l]);
+    D[l] = row_passes::activate(z, has_bias[l] ? &biases[nb++] : nullptr, acts[l], alphas[l]);
     h = z;
   }
   y = h;
   // The VJP chain: delta_L = D_L u, delta_{l-1} = D_{l-1} (delta_l W_l); g = delta_1 W_1.
-  // Probe rows (k, r) take the slopes of primal row index[r] (pl_rows::mul_slopes).
+  // Probe rows (k, r) take the slopes of primal row index[r] (row_passes::mul_slopes).
   Tensor d = last_delta(u_in, D[L - 1], index, K, R);
   Tensor g;
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> reverse_mlp_impl(
       d = g;
     }
   }
-  const Tensor est = pl_rows::probe_sqnorm(g, K, R, root, scale);
+  const Tensor est = row_passes::probe_sqnorm(g, K, R, root, scale);
   // The tangent along g: t_l = D_l (t_{l-1} W_l^T) into the bottom rows of S_l (l < L).
   Tensor t = g;
   for (int64_t l = 0; l + 1 < L; ++l) {
@@ -138,7 +138,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
   const bool has_gy = grad_y.has_value() && grad_y->defined();
   const bool has_ge = grad_est.has_value() && grad_est->defined();
   Tensor c;  // [R]: the seed factor of probe rows (k, r), (2/K) grad_est[r] for the squared estimate
-  if (has_ge) c = pl_rows::seed_factor(*grad_est, g, K, R, root, scale);
+  if (has_ge) c = row_passes::seed_factor(*grad_est, g, K, R, root, scale);
   std::vector<Tensor> gw(L), gb_layer(L);
   // gamma_l [B, n_l] (the loss's backward chain) is written into the top rows of
   // G_l = [gamma_l; c delta_l] when both parts are present at a layer l > 0, so that
@@ -165,7 +165,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
     const int64_t n = w.size(0);
     if (stacked(l)) {
       Tensor bottom = G.narrow(0, B, KR);
-      pl_rows::scale_rows(bottom, delta(l), c, K, R);
+      row_passes::scale_rows(bottom, delta(l), c, K, R);
       gw[l] = at::mm(G.t(), S(l - 1));
     } else {
       const Tensor h_prev = l > 0 ? S(l - 1).narrow(0, 0, B) : x;
@@ -173,7 +173,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> reverse_mlp_backwar
       if (has_gy) gw[l] = at::mm(gamma.t(), h_prev);
       if (has_ge) {
         const Tensor cd = at::empty_like(delta(l));
-        pl_rows::scale_rows(cd, delta(l), c, K, R);
+        row_passes::scale_rows(cd, delta(l), c, K, R);
         gw[l] = gw[l].defined() ? gw[l].addmm_(cd.t(), t_prev) : at::mm(cd.t(), t_prev);
       }
       if (!gw[l].defined()) gw[l] = at::zeros_like(w);
@@ -228,7 +228,7 @@ TORCH_LIBRARY_IMPL(grokalign, CompositeExplicitAutograd, m) {
   m.impl("reverse_mlp_backward", &reverse_mlp_backward_op);
 }
 
-TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("reverse_mlp", &pl_mlp::autograd_kernel<ReverseMLPNames>); }
+TORCH_LIBRARY_IMPL(grokalign, Autograd, m) { m.impl("reverse_mlp", &whole_mlp::autograd_kernel<ReverseMLPNames>); }
 
 }  // namespace reverse_mlp
 }  // namespace grokalign

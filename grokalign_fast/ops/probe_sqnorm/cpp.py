@@ -11,8 +11,6 @@ import torch
 
 from ..._backends import _load_extension
 
-REGISTERED = False
-
 if _load_extension() is None:
 
     @torch.library.register_fake("grokalign::probe_sqnorm")
@@ -56,7 +54,6 @@ if _load_extension() is None:
             return d_g, d_grad
 
     torch.library.register_autograd("grokalign::probe_sqnorm", _backward, setup_context=_setup_context)
-    REGISTERED = True
 
 
 def probe_sqnorm(g: torch.Tensor) -> torch.Tensor:

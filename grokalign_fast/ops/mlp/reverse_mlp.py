@@ -22,7 +22,7 @@ step for one probe over the batch), with the output-space estimator's lower
 variance when there are few outputs.
 
 Two implementations of the same math: the C++ op ``torch.ops.grokalign.reverse_mlp``
-(``csrc/cpu/reverse_mlp.cpp``: ATen ops for any device, C++ autograd, stacked
+(``csrc/cpu/reverse_mlp_cpu.cpp``: ATen ops for any device, C++ autograd, stacked
 ``[h_l; t_l]`` buffers so each weight gradient is one GEMM without a copy) and
 :class:`_ReverseMLP` below (Python, the specification and the fallback when the
 extension is not built). Both give the same numbers to rounding (tests).
@@ -34,9 +34,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..._backends import extension_ops_reason
-from .model import DropoutStep, FlattenStep, LinearStep, Step, whole_mlp_runner
-
-REVERSE_ACTIVATIONS = ("identity", "relu", "leaky_relu")
+from .model import DropoutStep, FlattenStep, LinearStep, Step
+from .reference import PIECEWISE_LINEAR
+from .whole_mlp import whole_mlp_runner
 
 
 def cpp_unavailable_reason(x: torch.Tensor) -> Optional[str]:
@@ -52,8 +52,8 @@ def unavailable_reason(steps: Optional[List[Step]], training: bool) -> Optional[
     if steps is None:
         return "the model is not a supported nn.Sequential MLP"
     for s in steps:
-        if isinstance(s, LinearStep) and s.act not in REVERSE_ACTIVATIONS:
-            return (f"the one-pass reverse estimator needs piecewise-linear activations {REVERSE_ACTIVATIONS}, "
+        if isinstance(s, LinearStep) and s.act not in PIECEWISE_LINEAR:
+            return (f"the one-pass reverse estimator needs piecewise-linear activations {PIECEWISE_LINEAR}, "
                     f"got {s.act!r}")
         if isinstance(s, DropoutStep) and training and s.p > 0:
             return "the one-pass reverse estimator does not run dropout in training mode"

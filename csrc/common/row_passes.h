@@ -1,21 +1,20 @@
 // Elementwise passes of the whole-MLP one-pass ops (grokalign::dual_mlp_sqnorm,
-// grokalign::reverse_mlp) over their row buffers, each as one loop on the CPU.
+// grokalign::reverse_mlp) over their primal and tangent row buffers, each as one loop on the CPU.
 //
 // Row layout: a layer's primal rows z [B, n] and its tangent rows t [K*R, n], where
 // tangent row k*R + r rides on primal row src(r) = index[r] (or r without index) and
-// takes that row's slope s'(z). The ops used to run each pass as 2-5 ATen calls (a
-// compare, a gather of the slopes for the tangent rows, a bool->float conversion, a
-// multiply); here it is one pass that reads the slopes of row src(r) in place, so no
-// gathered copy is made or saved.
+// takes that row's slope s'(z). A pass reads the slopes of row src(r) in place, so no
+// gathered copy is made or saved; in ATen ops the same pass takes 2-5 calls (a compare,
+// a gather of the slopes for the tangent rows, a bool->float conversion, a multiply).
 //
 // Threads: a pass splits into chunks of at least grain_elems() elements. These passes are
 // memory-bound and short (a 250 x 200 float buffer takes ~10-20 us on one core). OpenMP's
 // default policy keeps the workers spinning for a while after the GEMMs, so a 16k-element
 // grain pays; with OMP_WAIT_POLICY=PASSIVE each parallel pass pays for waking a sleeping
-// worker (40-120 us measured on the 2-core development machine), so it is 64k there.
-// Measured in interleaved training steps of 784-200-200-10 (batch 200), subsample=0.25, 2
-// threads: default policy 1.22-1.23x (16k) against 1.23-1.25x (64k); PASSIVE 1.13x (16k)
-// against 1.11x (64k) (2026-11-30).
+// worker (40-120 us on a 2-core machine), so it is 64k there. Training steps of
+// 784-200-200-10 (batch 200, subsample=0.25, 2 threads) as multiples of a plain step:
+// default policy 1.22-1.23x (16k) against 1.23-1.25x (64k); PASSIVE 1.13x (16k) against
+// 1.11x (64k).
 //
 // Each function has an ATen fallback with the same results (any device, any dtype, any
 // strides); the loops serve contiguous-row float / double CPU tensors.
@@ -34,7 +33,7 @@
 #include "common/dual_linear.h"
 
 namespace grokalign {
-namespace pl_rows {
+namespace row_passes {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -95,16 +94,16 @@ inline Tensor activate(const Tensor& z, const Tensor* bias, int64_t act, double 
   }
   const int64_t B = z.size(0), n = z.size(1), ld = z.stride(0);
   const Tensor D = at::empty({B, n}, z.options().dtype(act == kRelu ? at::kBool : z.scalar_type()));
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "grokalign_pl_activate", [&] {
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "grokalign_row_passes_activate", [&] {
     scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* bp = bias != nullptr ? bias->data_ptr<scalar_t>() : nullptr;
     const scalar_t a = static_cast<scalar_t>(alpha);
     bool* mp = act == kRelu ? D.data_ptr<bool>() : nullptr;
     scalar_t* sp = act == kRelu ? nullptr : D.data_ptr<scalar_t>();
     // Two branch-free passes per row, each of which the compiler vectorises: one loop with
-    // the compare, the mask store and the select together compiled to a branch per element
+    // the compare, the mask store and the select together compiles to a branch per element
     // for double, and for leaky ReLU for float too (~190 us per 40k elements with random
-    // signs, against ~10-30 us; measured on the development machine).
+    // signs, against ~10-30 us for the two passes).
     at::parallel_for(0, B, grain_rows(n), [&](int64_t b0, int64_t b1) {
       for (int64_t i = b0; i < b1; ++i) {
         scalar_t* __restrict row = zp + i * ld;
@@ -150,7 +149,7 @@ inline void mul_slopes(const Tensor& primal, const Tensor& tangent, const Tensor
   if ((Bp + Bt) * n == 0) return;
   const int64_t ldp = primal.defined() ? primal.stride(0) : 0, ldt = tangent.defined() ? tangent.stride(0) : 0;
   const int64_t* ip = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES((primal.defined() ? primal : tangent).scalar_type(), "grokalign_pl_mul_slopes", [&] {
+  AT_DISPATCH_FLOATING_TYPES((primal.defined() ? primal : tangent).scalar_type(), "grokalign_row_passes_mul_slopes", [&] {
     scalar_t* pp = primal.defined() ? primal.data_ptr<scalar_t>() : nullptr;
     scalar_t* tp = tangent.defined() ? tangent.data_ptr<scalar_t>() : nullptr;
     const bool mask = D.scalar_type() == at::kBool;
@@ -193,7 +192,7 @@ inline void scale_rows(const Tensor& out, const Tensor& src, const Tensor& c, in
   const int64_t rows = K * R, n = out.size(1);
   if (rows * n == 0) return;
   const int64_t ldo = out.stride(0), lds = src.stride(0);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "grokalign_pl_scale_rows", [&] {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "grokalign_row_passes_scale_rows", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* sp = src.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
@@ -243,7 +242,7 @@ inline Tensor probe_sqnorm(const Tensor& t, int64_t K, int64_t R, bool root = fa
     return scale == 1.0 ? sq : sq.mul_(scale);
   }
   Tensor sq = at::empty({R}, t.options());
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_pl_probe_sqnorm", [&] {
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_row_passes_probe_sqnorm", [&] {
     sum_sq_rows(t.data_ptr<scalar_t>(), t.stride(0), t.size(1), K, R, root, scale, sq.data_ptr<scalar_t>());
   });
   return sq;
@@ -267,7 +266,7 @@ inline Tensor seed_factor(const Tensor& grad, const Tensor& t, int64_t K, int64_
   // One pass instead of 4-6 ATen calls; grad may be a stride-0 expand (a mean's or sum's backward).
   const Tensor e = root ? probe_sqnorm(t, K, R, /*root=*/true) : Tensor();
   Tensor c = at::empty({R}, t.options());
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_pl_seed_factor", [&] {
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "grokalign_row_passes_seed_factor", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const int64_t gs = grad.stride(0);
     const scalar_t* ep = root ? e.data_ptr<scalar_t>() : nullptr;
@@ -282,5 +281,5 @@ inline Tensor seed_factor(const Tensor& grad, const Tensor& t, int64_t K, int64_
   return c;
 }
 
-}  // namespace pl_rows
+}  // namespace row_passes
 }  // namespace grokalign
