@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from grokalign_fast import GrokAlign
-from grokalign_fast.experiments import common
+from grokalign_fast.models import mlp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from providers import ratio_table, time_interleaved  # noqa: E402
@@ -36,7 +36,7 @@ DEMO = dict(estimator="reverse", backend="cpp", subsample=0.25, every=4)  # make
 
 def make_step(kwargs, x, y):
     torch.manual_seed(0)
-    model = common.mlp((64, 200, 200, 10), init_scale=8.0)
+    model = mlp((64, 200, 200, 10), init_scale=8.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
     reg = None if kwargs is None else GrokAlign(model, 5e-3, squared=True,
                                                 generator=torch.Generator().manual_seed(1), **kwargs)

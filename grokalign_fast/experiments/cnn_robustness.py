@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, data, plotting
+from . import common, data, plotting, train
 from ..monitor import GrokMonitor
 from ..regularizer import GrokAlign
 
@@ -92,34 +92,22 @@ def run_one(cfg: Config, split: data.Split, seed: int, lam: float) -> Dict:
     reg = GrokAlign(model, lam, squared=cfg.squared, generator=torch.Generator().manual_seed(seed)) if lam > 0 else None
     monitor = GrokMonitor(model, split.x_test[: cfg.n_probe], every=cfg.log_every, max_probe=cfg.n_probe)
     xa, ya = split.x_test[: cfg.n_attack], split.y_test[: cfg.n_attack]
-    n = len(split.x_train)
-    log: List[Dict] = []
-    sw = common.Stopwatch()
     attack_gen = torch.Generator().manual_seed(1234)
-    for step in range(cfg.steps + 1):
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            model.eval()
-            row = dict(step=step, train_acc=common.accuracy(model, split.x_train, split.y_train),
-                       test_acc=common.accuracy(model, split.x_test, split.y_test), seconds=sw.wall)
-            for e in cfg.eps:
-                row[f"pgd_acc_eps_{e:g}"] = pgd_accuracy(model, xa, ya, e, cfg.pgd_steps, attack_gen)
-            rec = monitor(step, force=True)
-            row.update(alignment=rec["centroid_alignment"], pc1=rec["pc1"], effective_rank=rec["effective_rank"],
-                       jacobian_norm=rec["jacobian_norm"], phase=rec["phase"])
-            log.append(row)
-            model.train()
-        if step == cfg.steps:
-            break
-        idx = torch.randint(0, n, (cfg.batch,), generator=gen)
-        with sw:
-            xb, yb = split.x_train[idx], split.y_train[idx]
-            out, pen = reg(xb) if reg is not None else (model(xb), None)
-            loss = F.cross_entropy(out, yb) + (pen if pen is not None else 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return dict(seed=seed, method="grokalign" if lam > 0 else "weight decay", log=log, final=log[-1],
-                train_seconds=sw.wall)
+
+    def evaluate(run: train.Run) -> Dict:
+        row = dict(train_acc=common.accuracy(model, split.x_train, split.y_train),
+                   test_acc=common.accuracy(model, split.x_test, split.y_test), seconds=run.seconds)
+        for e in cfg.eps:
+            row[f"pgd_acc_eps_{e:g}"] = pgd_accuracy(model, xa, ya, e, cfg.pgd_steps, attack_gen)
+        return row
+
+    run = train.train(model, opt, split.x_train, split.y_train, F.cross_entropy, steps=cfg.steps,
+                      eval_every=cfg.log_every, evaluate=evaluate, regularizer=reg,
+                      batches=train.random_batches(len(split.x_train), cfg.batch, gen), monitor=monitor,
+                      monitor_columns=dict(alignment="centroid_alignment", pc1="pc1", effective_rank="effective_rank",
+                                           jacobian_norm="jacobian_norm", phase="phase"))
+    return dict(seed=seed, method="grokalign" if lam > 0 else "weight decay", log=run.log, final=run.log[-1],
+                train_seconds=run.seconds)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,21 +117,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> Dict:
     t0 = time.perf_counter()
-    cfg = Config(**QUICK) if args.quick else Config()
-    if args.lam is not None:
-        cfg.lam = args.lam
-    if args.steps is not None:
-        cfg.steps = args.steps
+    cfg = common.config_from_args(Config, QUICK, args, ("lam", "steps"))
     seeds = args.seeds if args.seeds is not None else 1
     split = load(args.data_dir, args.quick)
     out = common.out_dir(args.out, NAME)
-    runs = []
-    bar = common.tqdm_bar(total=2 * seeds, desc=NAME, unit="run")
-    for seed in range(seeds):
-        for lam in (0.0, cfg.lam):
-            runs.append(run_one(cfg, split, seed, lam))
-            bar.update(1)
-    bar.close()
+    runs = common.run_each(NAME, lambda seed, lam: run_one(cfg, split, seed, lam),
+                           [(seed, lam) for seed in range(seeds) for lam in (0.0, cfg.lam)])
     methods = ["weight decay", "grokalign"]
     keys = ["test_acc"] + [f"pgd_acc_eps_{e:g}" for e in cfg.eps] + ["alignment", "pc1", "effective_rank", "jacobian_norm"]
     stats, rows = {}, []
@@ -155,15 +134,11 @@ def main(args) -> Dict:
     table = common.print_table(["method"] + keys, rows,
                                title=f"{NAME} ({split.name}, {cfg.steps} steps): final values, mean over {seeds} seed(s); "
                                      f"PGD: {cfg.pgd_steps} steps on {cfg.n_attack} test images")
-    common.write_csv(os.path.join(out, "log.csv"),
-                     [dict(method=r["method"], seed=r["seed"], **row) for r in runs for row in r["log"]])
-    specs = []
-    for key, title in [("test_acc", "clean test accuracy"), ("alignment", "centroid alignment (16 test images)"),
-                       ("pc1", "Jacobian PC1 s1^2 / sum s^2"), ("jacobian_norm", "Jacobian norm")]:
-        series = []
-        for i, m in enumerate(methods):
-            series += plotting.per_seed_series([r for r in runs if r["method"] == m], "step", key, m, plotting.color(i))
-        specs.append(dict(title=title, xlabel="step", ylabel=key, series=series, logy=key == "jacobian_norm"))
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
+    specs = [dict(title=title, xlabel="step", ylabel=key, series=plotting.method_series(runs, methods, key),
+                  logy=key == "jacobian_norm")
+             for key, title in [("test_acc", "clean test accuracy"), ("alignment", "centroid alignment (16 test images)"),
+                                ("pc1", "Jacobian PC1 s1^2 / sum s^2"), ("jacobian_norm", "Jacobian norm")]]
     series = []
     for i, m in enumerate(methods):
         for j, e in enumerate(cfg.eps):
@@ -171,8 +146,5 @@ def main(args) -> Dict:
                                                f"{m}, eps {e:g}", plotting.color(i), alpha=1.0 - 0.25 * j)
     specs.append(dict(title="accuracy under PGD", xlabel="step", ylabel="accuracy", series=series))
     png = plotting.panels(os.path.join(out, "curves.png"), specs, title=f"cnn-robustness on {split.name}")
-    result = dict(experiment=NAME, quick=bool(args.quick), config=asdict(cfg), data=split.name, seeds=seeds,
-                  summary=stats, table=table, plots=[png], wall_seconds=time.perf_counter() - t0)
-    common.write_json(os.path.join(out, "summary.json"), result)
-    print(f"[{NAME}] wrote {out}/summary.json, log.csv, curves.png", flush=True)
-    return result
+    return common.finish(NAME, out, args, cfg, t0, ("log.csv", "curves.png"), data=split.name, seeds=seeds,
+                         summary=stats, table=table, plots=[png])

@@ -1,4 +1,4 @@
-"""Shared pieces of the experiments: models, the Grokfast filter, seeding, timing, CSV/JSON output."""
+"""Shared pieces of the experiments: the scalar two-layer net, accuracy, the Grokfast filter, seeding, CSV/JSON output."""
 from __future__ import annotations
 
 import csv
@@ -7,11 +7,14 @@ import math
 import os
 import random
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from dataclasses import asdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..models import scale_
 
 
 def setup_torch(threads: int = 1) -> None:
@@ -36,27 +39,29 @@ def out_dir(root: str, name: str) -> str:
     return path
 
 
+def config_from_args(cls, quick: Dict, args, names: Sequence[str]):
+    """``cls()`` (``cls(**quick)`` under ``--quick``), then each ``args.<name>`` that is not None."""
+    cfg = cls(**quick) if args.quick else cls()
+    for name in names:
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    return cfg
+
+
+def run_each(desc: str, fn: Callable[..., Dict], tasks: Sequence[Sequence]) -> List[Dict]:
+    """``[fn(*task) for task in tasks]``, with a progress bar over the runs."""
+    runs = []
+    bar = tqdm_bar(total=len(tasks), desc=desc, unit="run")
+    try:
+        for task in tasks:
+            runs.append(fn(*task))
+            bar.update(1)
+    finally:
+        bar.close()
+    return runs
+
+
 # ------------------------------------------------------------------ models
-
-
-def mlp(sizes: Sequence[int], *, bias: bool = False, init_scale: float = 1.0, act=nn.ReLU) -> nn.Sequential:
-    """``Linear -> act -> ... -> Linear`` (PyTorch's default init, every weight then times ``init_scale``)."""
-    layers: List[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    model = nn.Sequential(*layers)
-    scale_(model, init_scale)
-    return model
-
-
-@torch.no_grad()
-def scale_(model: nn.Module, factor: float) -> nn.Module:
-    if factor != 1.0:
-        for p in model.parameters():
-            p.mul_(factor)
-    return model
 
 
 class ScalarTwoLayer(nn.Module):
@@ -114,23 +119,6 @@ class Grokfast:
         torch._foreach_add_(grads, self.ema, alpha=self.lamb)
 
 
-class Stopwatch:
-    """Accumulates wall (perf_counter) and CPU (thread_time) seconds over ``with sw:`` blocks."""
-
-    def __init__(self):
-        self.wall = 0.0
-        self.cpu = 0.0
-
-    def __enter__(self):
-        self._w, self._c = time.perf_counter(), time.thread_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall += time.perf_counter() - self._w
-        self.cpu += time.thread_time() - self._c
-        return False
-
-
 # ------------------------------------------------------------------ output
 
 
@@ -177,6 +165,21 @@ def write_json(path: str, obj) -> str:
         json.dump(_jsonable(obj), f, indent=2)
         f.write("\n")
     return path
+
+
+def log_rows(runs: Sequence[Dict], key: str = "log", ids: Sequence[str] = ("method", "seed")) -> List[Dict]:
+    """Every row of every ``run[key]``, prefixed with the run's ``ids`` (one CSV of all runs)."""
+    return [dict({k: r[k] for k in ids}, **row) for r in runs for row in r[key]]
+
+
+def finish(name: str, out: str, args, cfg, t0: float, files: Sequence[str], **fields) -> Dict:
+    """Write ``out/summary.json`` (experiment, quick, config, ``fields``, wall_seconds since ``t0``) and say what
+    was written (``summary.json`` and ``files``); returns the summary."""
+    result = dict(experiment=name, quick=bool(args.quick), config=asdict(cfg), **fields,
+                  wall_seconds=time.perf_counter() - t0)
+    write_json(os.path.join(out, "summary.json"), result)
+    print(f"[{name}] wrote {out}/summary.json, {', '.join(files)}", flush=True)
+    return result
 
 
 def mean_std(values: Sequence[float]):

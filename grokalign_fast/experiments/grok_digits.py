@@ -42,7 +42,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import common, data, plotting, summary
+from . import common, data, plotting, summary, train
+from .. import models
 from ..monitor import GrokMonitor
 from ..regularizer import GrokAlign
 
@@ -131,83 +132,38 @@ def run_one(cfg: Config, method: str, seed: int, *, split: Optional[data.Split] 
     xtr, ytr = split.x_train.to(dtype), split.y_train
     xte, yte = split.x_test.to(dtype), split.y_test
     C = split.num_classes
-    ytr_onehot = F.one_hot(ytr, C).to(dtype)
     threshold = threshold_for(cfg, split)
 
     gen = common.seed_everything(seed)
-    model = common.mlp((xtr.shape[1],) + tuple(cfg.hidden) + (C,), init_scale=cfg.init_scale).to(dtype)
+    model = models.mlp((xtr.shape[1],) + tuple(cfg.hidden) + (C,), init_scale=cfg.init_scale, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     ga_kw = grokalign_kwargs(cfg, method)
     reg = GrokAlign(model, generator=torch.Generator().manual_seed(10_000 + seed), **ga_kw) if ga_kw else None
-    gf = None
-    if "grokfast" in method:
-        gf = common.Grokfast(model, cfg.grokfast_alpha, cfg.grokfast_lamb)
-    use_noise = method == "noise"
+    gf = common.Grokfast(model, cfg.grokfast_alpha, cfg.grokfast_lamb) if "grokfast" in method else None
+    noise = train.InputNoise(cfg.noise_scale, cfg.noise_floor, gen) if method == "noise" else None
     monitor = GrokMonitor(model, xtr[: cfg.monitor_probe], every=cfg.monitor_every, max_probe=cfg.monitor_probe)
 
-    n = len(xtr)
-    nb = max(1, n // cfg.batch)
-    sw = common.Stopwatch()
-    log: List[Dict] = []
-    train_acc = 0.0
-    mem_step = mem_seconds = None
-    grok_step = grok_seconds = grok_cpu = None
-    last_loss = last_pen = last_norm = float("nan")
-    sigma = None
-    monitor(0, train_acc=common.accuracy(model, xtr, ytr), test_acc=common.accuracy(model, xte, yte))
-    bar = common.tqdm_bar(total=cfg.max_steps, desc=f"{method} s{seed}", leave=False) if progress else None
-    step = 0
-    perm = None
-    try:
-        while step < cfg.max_steps:
-            if step % nb == 0:
-                perm = torch.randperm(n, generator=gen)
-            idx = perm[(step % nb) * cfg.batch: (step % nb + 1) * cfg.batch]
-            with sw:
-                xb = xtr[idx]
-                if use_noise:
-                    sigma = max(cfg.noise_scale * (1.0 - train_acc), cfg.noise_floor)
-                    xb = xb + sigma * torch.randn(xb.shape, generator=gen, dtype=dtype)
-                if reg is not None:
-                    out, pen = reg(xb)
-                else:
-                    out, pen = model(xb), None
-                task = F.mse_loss(out, ytr_onehot[idx]) if cfg.loss == "mse" else F.cross_entropy(out, ytr[idx])
-                loss = task + pen if pen is not None else task
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if gf is not None:
-                    gf.apply()
-                opt.step()
-            step += 1
-            if reg is not None and reg.last_norm is not None:
-                last_pen, last_norm = pen.detach(), reg.last_norm  # converted at evaluation (no per-step sync)
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_loss = float(task.detach())
-                last_pen, last_norm = float(last_pen), float(last_norm)
-                train_acc = common.accuracy(model, xtr, ytr)
-                test_acc = common.accuracy(model, xte, yte)
-                if mem_step is None and train_acc >= 1.0:
-                    mem_step, mem_seconds = step, sw.wall
-                row = dict(step=step, train_acc=train_acc, test_acc=test_acc, loss=last_loss,
-                           penalty=last_pen if reg is not None else None,
-                           grokalign_norm=last_norm if reg is not None else None,
-                           weight_norm=common.weight_norm(model), sigma=sigma,
-                           seconds=sw.wall, cpu_seconds=sw.cpu)
-                log.append(row)
-                if bar is not None:
-                    bar.update(step - bar.n)
-                    bar.set_postfix(train=f"{train_acc:.3f}", test=f"{test_acc:.3f}")
-                grokked_now = test_acc >= threshold
-                if step % cfg.monitor_every == 0 or grokked_now:
-                    monitor(step, force=True, train_acc=train_acc, test_acc=test_acc)
-                if grokked_now:
-                    grok_step, grok_seconds, grok_cpu = step, sw.wall, sw.cpu
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-    grokked = grok_step is not None
+    def evaluate(run: train.Run) -> Dict:
+        return dict(train_acc=common.accuracy(model, xtr, ytr), test_acc=common.accuracy(model, xte, yte),
+                    loss=run.loss, penalty=run.penalty if reg is not None else None,
+                    grokalign_norm=run.penalty_norm if reg is not None else None,
+                    weight_norm=common.weight_norm(model), sigma=noise.sigma if noise is not None else None,
+                    seconds=run.seconds, cpu_seconds=run.cpu_seconds)
+
+    if cfg.loss == "mse":
+        target, loss = F.one_hot(ytr, C).to(dtype), F.mse_loss
+    else:
+        target, loss = ytr, F.cross_entropy
+    run = train.train(model, opt, xtr, target, loss, steps=cfg.max_steps, eval_every=cfg.eval_every,
+                      evaluate=evaluate, batches=train.shuffled_batches(len(xtr), cfg.batch, gen), regularizer=reg,
+                      grokfast=gf, noise=noise, stop=lambda row: row["test_acc"] >= threshold, log_start=False,
+                      monitor=monitor, monitor_every=cfg.monitor_every, monitor_extra=("train_acc", "test_acc"),
+                      progress=f"{method} s{seed}" if progress else None)
+    log = run.log
+    mem = train.first_row(log, "train_acc", 1.0)
+    mem_step, mem_seconds = (mem["step"], mem["seconds"]) if mem is not None else (None, None)
+    grokked = run.stopped
+    grok_step, grok_seconds, grok_cpu = (run.step, run.seconds, run.cpu_seconds) if grokked else (None, None, None)
     if grokked:
         phase_steps = max(0, grok_step - mem_step) if mem_step is not None else 0
         phase_seconds = max(0.0, grok_seconds - mem_seconds) if mem_step is not None else 0.0
@@ -217,11 +173,11 @@ def run_one(cfg: Config, method: str, seed: int, *, split: Optional[data.Split] 
         method=method, seed=seed, grokked=grokked, grok_step=grok_step, grok_seconds=grok_seconds,
         grok_cpu_seconds=grok_cpu, mem_step=mem_step, mem_seconds=mem_seconds,
         memorised_before_grok=(mem_step is not None and grokked and mem_step <= grok_step),
-        phase_steps=phase_steps, phase_seconds=phase_seconds, steps_run=step,
+        phase_steps=phase_steps, phase_seconds=phase_seconds, steps_run=run.step,
         capped=not grokked, threshold=threshold, data=split.name,
         final_train_acc=log[-1]["train_acc"] if log else None,
         final_test_acc=log[-1]["test_acc"] if log else None,
-        train_seconds=sw.wall, train_cpu_seconds=sw.cpu, run_seconds=time.perf_counter() - t_start,
+        train_seconds=run.seconds, train_cpu_seconds=run.cpu_seconds, run_seconds=time.perf_counter() - t_start,
         run_cpu_seconds=time.thread_time() - c_start,
         monitor_seconds=monitor.total_seconds, log=log, monitor=monitor.history,
     )
@@ -332,32 +288,21 @@ TABLE_HEADERS = ["method", "grokked", "steps to grok", "seconds", "CPU seconds",
 
 
 def plot(runs: List[Dict], methods, path: str, threshold: float) -> str:
-    specs = []
-    by = {m: [r for r in runs if r["method"] == m] for m in methods}
-
     def series(key, source="log"):
-        out = []
-        for i, m in enumerate(methods):
-            rr = [dict(log=r[source]) for r in by[m]]
-            out += plotting.per_seed_series(rr, "step", key, m, plotting.color(i), alpha=0.75)
-        return out
+        return plotting.method_series(runs, methods, key, alpha=0.75, source=source)
 
-    specs.append(dict(title="test accuracy (dotted: grokked threshold)", xlabel="step", ylabel="accuracy",
-                      series=series("test_acc"), hline=threshold, logx=True))
-    specs.append(dict(title="train accuracy", xlabel="step", ylabel="accuracy", series=series("train_acc"), logx=True))
-    specs.append(dict(title="centroid alignment cos(x, c(x)) (32 train points)", xlabel="step",
-                      ylabel="alignment", series=series("centroid_alignment", "monitor"), logx=True))
-    specs.append(dict(title="Jacobian norm ||J||_F (32 train points)", xlabel="step", ylabel="norm",
-                      series=series("jacobian_norm", "monitor"), logy=True, logx=True))
-    ga = [m for m in methods if m.startswith("grokalign")]
-    if ga:
-        pen = []
-        for i, m in enumerate(methods):
-            if m in ga:
-                pen += plotting.per_seed_series([dict(log=r["log"]) for r in by[m]], "step", "penalty", m,
-                                                plotting.color(i), alpha=0.75)
+    specs = [
+        dict(title="test accuracy (dotted: grokked threshold)", xlabel="step", ylabel="accuracy",
+             series=series("test_acc"), hline=threshold, logx=True),
+        dict(title="train accuracy", xlabel="step", ylabel="accuracy", series=series("train_acc"), logx=True),
+        dict(title="centroid alignment cos(x, c(x)) (32 train points)", xlabel="step", ylabel="alignment",
+             series=series("centroid_alignment", "monitor"), logx=True),
+        dict(title="Jacobian norm ||J||_F (32 train points)", xlabel="step", ylabel="norm",
+             series=series("jacobian_norm", "monitor"), logy=True, logx=True),
+    ]
+    if any(m.startswith("grokalign") for m in methods):  # the other methods log no penalty
         specs.append(dict(title="GrokAlign penalty (weighted, last computed)", xlabel="step", ylabel="penalty",
-                          series=pen, logy=True))
+                          series=series("penalty"), logy=True))
     specs.append(dict(title="weight norm", xlabel="step", ylabel="||theta||", series=series("weight_norm"), logx=True))
     return plotting.panels(path, specs, title="grok-digits: Omnigrok MLP (weights x8) on the digits")
 
@@ -437,10 +382,8 @@ def main(args) -> Dict:
                                f"(mean +- std over seeds; x = speed-up vs baseline; p = Welch t-test)")
 
     # logs
-    common.write_csv(os.path.join(out, "log.csv"),
-                     [dict(method=r["method"], seed=r["seed"], **row) for r in runs for row in r["log"]])
-    common.write_csv(os.path.join(out, "monitor.csv"),
-                     [dict(method=r["method"], seed=r["seed"], **row) for r in runs for row in r["monitor"]])
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
+    common.write_csv(os.path.join(out, "monitor.csv"), common.log_rows(runs, "monitor"))
     run_keys = ["method", "seed", "grokked", "grok_step", "grok_seconds", "grok_cpu_seconds", "mem_step",
                 "mem_seconds", "phase_steps", "phase_seconds", "steps_run", "capped", "final_train_acc",
                 "final_test_acc", "train_seconds", "train_cpu_seconds", "monitor_seconds", "run_seconds",

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
-from . import common, data, plotting
+from . import common, data, plotting, train
+from .. import models
 from ..jacobian import jacobian_norm
 from ..monitor import GrokMonitor
 from ..regularizer import GrokAlign
@@ -53,7 +54,7 @@ METHODS = ("weight decay", "grokalign", "target")
 def run_one(cfg: Config, split: data.Split, seed: int, method: str) -> Dict:
     gen = common.seed_everything(seed)
     xtr, ytr, xte, yte = split.x_train, split.y_train, split.x_test, split.y_test
-    model = common.mlp((xtr.shape[1], 200, 200, 10), init_scale=cfg.init_scale)
+    model = models.mlp((xtr.shape[1], 200, 200, 10), init_scale=cfg.init_scale)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     level = float(jacobian_norm(model, xtr, estimator="exact").detach()) * cfg.target_factor
     reg = None
@@ -62,26 +63,18 @@ def run_one(cfg: Config, split: data.Split, seed: int, method: str) -> Dict:
     elif method == "target":
         reg = GrokAlign(model, cfg.lam, target=level, generator=torch.Generator().manual_seed(seed))
     monitor = GrokMonitor(model, xtr[:32], every=cfg.log_every, max_probe=32)
-    onehot = F.one_hot(ytr, 10).float()
-    log: List[Dict] = []
-    grok_step = None
-    for step in range(cfg.steps + 1):
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            tr, te = common.accuracy(model, xtr, ytr), common.accuracy(model, xte, yte)
-            rec = monitor(step, force=True, train_acc=tr, test_acc=te)
-            log.append(dict(step=step, train_acc=tr, test_acc=te, jacobian_norm=rec["jacobian_norm"],
-                            centroid_norm=rec["centroid_norm"], alignment=rec["centroid_alignment"],
-                            phase=rec["phase"]))
-            if grok_step is None and te >= cfg.threshold:
-                grok_step = step
-        if step == cfg.steps:
-            break
-        idx = torch.randint(0, len(xtr), (cfg.batch,), generator=gen)
-        out, pen = reg(xtr[idx]) if reg is not None else (model(xtr[idx]), None)
-        loss = F.mse_loss(out, onehot[idx]) + (pen if pen is not None else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def evaluate(run: train.Run) -> Dict:
+        return dict(train_acc=common.accuracy(model, xtr, ytr), test_acc=common.accuracy(model, xte, yte))
+
+    run = train.train(model, opt, xtr, F.one_hot(ytr, 10).float(), F.mse_loss, steps=cfg.steps,
+                      eval_every=cfg.log_every, evaluate=evaluate, regularizer=reg,
+                      batches=train.random_batches(len(xtr), cfg.batch, gen), monitor=monitor,
+                      monitor_extra=("train_acc", "test_acc"),
+                      monitor_columns=dict(jacobian_norm="jacobian_norm", centroid_norm="centroid_norm",
+                                           alignment="centroid_alignment", phase="phase"))
+    log = run.log
+    grok_step = train.first_step(log, "test_acc", cfg.threshold)
     return dict(seed=seed, method=method, level=level, grok_step=grok_step, log=log, final=log[-1],
                 best_test_acc=max(r["test_acc"] for r in log))
 
@@ -94,20 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> Dict:
     t0 = time.perf_counter()
-    cfg = Config(**QUICK) if args.quick else Config()
-    for k in ("lam", "target_factor", "steps"):
-        if getattr(args, k) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = common.config_from_args(Config, QUICK, args, ("lam", "target_factor", "steps"))
     seeds = args.seeds if args.seeds is not None else 1
     split = data.digits(1000)
     out = common.out_dir(args.out, NAME)
-    runs = []
-    bar = common.tqdm_bar(total=len(METHODS) * seeds, desc=NAME, unit="run")
-    for seed in range(seeds):
-        for m in METHODS:
-            runs.append(run_one(cfg, split, seed, m))
-            bar.update(1)
-    bar.close()
+    runs = common.run_each(NAME, lambda seed, m: run_one(cfg, split, seed, m),
+                           [(seed, m) for seed in range(seeds) for m in METHODS])
     stats, rows = {}, []
     for m in METHODS:
         rs = [r for r in runs if r["method"] == m]
@@ -125,20 +110,13 @@ def main(args) -> Dict:
     table = common.print_table(["method", "grokked", f"step (test >= {cfg.threshold})", "final test acc",
                                 "Jacobian norm (start -> end)", "final alignment"], rows,
                                title=f"{NAME}: {cfg.steps} steps, lambda {cfg.lam}, target = {cfg.target_factor} x initial norm")
-    common.write_csv(os.path.join(out, "log.csv"),
-                     [dict(method=r["method"], seed=r["seed"], **row) for r in runs for row in r["log"]])
-    specs = []
-    for key, title, logy in [("test_acc", "test accuracy", False), ("train_acc", "train accuracy", False),
-                             ("jacobian_norm", "Jacobian norm (32 train points)", True),
-                             ("centroid_norm", "centroid norm", True), ("alignment", "centroid alignment", False)]:
-        series = []
-        for i, m in enumerate(METHODS):
-            series += plotting.per_seed_series([r for r in runs if r["method"] == m], "step", key, m, plotting.color(i))
-        specs.append(dict(title=title, xlabel="step", ylabel=key, series=series, logy=logy,
-                          hline=cfg.threshold if key == "test_acc" else None))
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
+    specs = [dict(title=title, xlabel="step", ylabel=key, series=plotting.method_series(runs, METHODS, key), logy=logy,
+                  hline=cfg.threshold if key == "test_acc" else None)
+             for key, title, logy in [("test_acc", "test accuracy", False), ("train_acc", "train accuracy", False),
+                                      ("jacobian_norm", "Jacobian norm (32 train points)", True),
+                                      ("centroid_norm", "centroid norm", True),
+                                      ("alignment", "centroid alignment", False)]]
     png = plotting.panels(os.path.join(out, "curves.png"), specs, title="inhibit: target-level vs plain GrokAlign")
-    result = dict(experiment=NAME, quick=bool(args.quick), config=asdict(cfg), seeds=seeds, summary=stats,
-                  table=table, plots=[png], wall_seconds=time.perf_counter() - t0)
-    common.write_json(os.path.join(out, "summary.json"), result)
-    print(f"[{NAME}] wrote {out}/summary.json, log.csv, curves.png", flush=True)
-    return result
+    return common.finish(NAME, out, args, cfg, t0, ("log.csv", "curves.png"), seeds=seeds, summary=stats,
+                         table=table, plots=[png])

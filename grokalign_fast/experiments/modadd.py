@@ -27,14 +27,14 @@ import argparse
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, data, plotting
+from . import common, data, plotting, train
 from ..metrics import fourier_gini
 from ..monitor import GrokMonitor
 from ..regularizer import GrokAlign
@@ -119,35 +119,27 @@ def run_one(cfg: Config, seed: int, lam: float, frozen: bool) -> Dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     reg = (GrokAlign(model.body, lam, estimator=cfg.estimator, generator=torch.Generator().manual_seed(seed))
            if lam > 0 else None)
+    # The probe is the embedding of fixed training pairs, which moves as W_E trains: it is renewed before
+    # each measurement, so the evaluation calls the monitor itself.
     monitor = GrokMonitor(model, model.embed(ttr[:16]), every=cfg.log_every, f=model.body, rank=False, max_probe=16)
-    log: List[Dict] = []
-    grok_step = None
-    sw = common.Stopwatch()
-    for step in range(cfg.steps + 1):
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            with torch.no_grad():
-                tr = float((model(ttr).argmax(1) == ytr).float().mean())
-                te = float((model(tte).argmax(1) == yte).float().mean())
-                monitor.set_probe(model.embed(ttr[:16]))
-            rec = monitor(step, force=True)
-            row = dict(step=step, train_acc=tr, test_acc=te, alignment=rec["centroid_alignment"],
-                       jacobian_norm=rec["jacobian_norm"], centroid_norm=rec["centroid_norm"],
-                       gini_W_E=float(fourier_gini(model.W_E.detach()[: cfg.p], dim=0)),
-                       gini_W_U=float(fourier_gini(model.body.W_U.detach(), dim=1)), seconds=sw.wall)
-            log.append(row)
-            if grok_step is None and te >= cfg.threshold:
-                grok_step = step
-        if step == cfg.steps:
-            break
-        with sw:
-            emb = model.embed(ttr)
-            out, pen = reg(emb) if reg is not None else (model.body(emb), None)
-            loss = F.cross_entropy(out, ytr) + (pen if pen is not None else 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def evaluate(run: train.Run) -> Dict:
+        with torch.no_grad():
+            tr = float((model(ttr).argmax(1) == ytr).float().mean())
+            te = float((model(tte).argmax(1) == yte).float().mean())
+            monitor.set_probe(model.embed(ttr[:16]))
+        rec = monitor(run.step, force=True)
+        return dict(train_acc=tr, test_acc=te, alignment=rec["centroid_alignment"],
+                    jacobian_norm=rec["jacobian_norm"], centroid_norm=rec["centroid_norm"],
+                    gini_W_E=float(fourier_gini(model.W_E.detach()[: cfg.p], dim=0)),
+                    gini_W_U=float(fourier_gini(model.body.W_U.detach(), dim=1)), seconds=run.seconds)
+
+    run = train.train(model, opt, ttr, ytr, F.cross_entropy, steps=cfg.steps, eval_every=cfg.log_every,
+                      evaluate=evaluate, embed=model.embed, forward=model.body, regularizer=reg)
+    log = run.log
+    grok_step = train.first_step(log, "test_acc", cfg.threshold)
     name = ("grokalign" if lam > 0 else "weight decay") + (" (frozen W_E)" if frozen else "")
-    return dict(seed=seed, method=name, grok_step=grok_step, log=log, final=log[-1], train_seconds=sw.wall)
+    return dict(seed=seed, method=name, grok_step=grok_step, log=log, final=log[-1], train_seconds=run.seconds)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,23 +153,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> Dict:
     t0 = time.perf_counter()
-    cfg = Config(**QUICK) if args.quick else Config()
-    if args.lam is not None:
-        cfg.lam = args.lam
-    if args.steps is not None:
-        cfg.steps = args.steps
-    cfg.estimator = args.estimator
+    cfg = common.config_from_args(Config, QUICK, args, ("lam", "steps", "estimator"))
     seeds = args.seeds if args.seeds is not None else 1
     frozen_opts = {"both": (False, True), "yes": (True,), "no": (False,)}[args.frozen_embedding]
     out = common.out_dir(args.out, NAME)
-    runs = []
-    bar = common.tqdm_bar(total=2 * len(frozen_opts) * seeds, desc=NAME, unit="run")
-    for seed in range(seeds):
-        for frozen in frozen_opts:
-            for lam in (0.0, cfg.lam):
-                runs.append(run_one(cfg, seed, lam, frozen))
-                bar.update(1)
-    bar.close()
+    runs = common.run_each(NAME, lambda seed, lam, frozen: run_one(cfg, seed, lam, frozen),
+                           [(seed, lam, frozen) for seed in range(seeds) for frozen in frozen_opts
+                            for lam in (0.0, cfg.lam)])
     methods = list(dict.fromkeys(r["method"] for r in runs))
     stats, rows = {}, []
     for m in methods:
@@ -196,19 +178,12 @@ def main(args) -> Dict:
     table = common.print_table(["method", "grokked", f"step (test >= {cfg.threshold})", "train acc", "test acc",
                                 "Gini W_E", "Gini W_U", "alignment"], rows,
                                title=f"{NAME}: p={cfg.p}, {cfg.steps} full-batch steps, lambda {cfg.lam}")
-    common.write_csv(os.path.join(out, "log.csv"),
-                     [dict(method=r["method"], seed=r["seed"], **row) for r in runs for row in r["log"]])
-    specs = []
-    for key, title in [("train_acc", "train accuracy"), ("test_acc", "test accuracy"),
-                       ("gini_W_E", "Fourier Gini of W_E"), ("gini_W_U", "Fourier Gini of W_U"),
-                       ("alignment", "centroid alignment at the embeddings"), ("jacobian_norm", "Jacobian norm")]:
-        series = []
-        for i, m in enumerate(methods):
-            series += plotting.per_seed_series([r for r in runs if r["method"] == m], "step", key, m, plotting.color(i))
-        specs.append(dict(title=title, xlabel="step", ylabel=key, series=series))
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
+    specs = [dict(title=title, xlabel="step", ylabel=key, series=plotting.method_series(runs, methods, key))
+             for key, title in [("train_acc", "train accuracy"), ("test_acc", "test accuracy"),
+                                ("gini_W_E", "Fourier Gini of W_E"), ("gini_W_U", "Fourier Gini of W_U"),
+                                ("alignment", "centroid alignment at the embeddings"),
+                                ("jacobian_norm", "Jacobian norm")]]
     png = plotting.panels(os.path.join(out, "curves.png"), specs, title=f"modadd p={cfg.p}", ncols=3)
-    result = dict(experiment=NAME, quick=bool(args.quick), config=asdict(cfg), seeds=seeds, summary=stats,
-                  table=table, plots=[png], wall_seconds=time.perf_counter() - t0)
-    common.write_json(os.path.join(out, "summary.json"), result)
-    print(f"[{NAME}] wrote {out}/summary.json, log.csv, curves.png", flush=True)
-    return result
+    return common.finish(NAME, out, args, cfg, t0, ("log.csv", "curves.png"), seeds=seeds, summary=stats,
+                         table=table, plots=[png])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List
 
 import numpy as np
@@ -112,29 +112,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> Dict:
     t0 = time.perf_counter()
-    cfg = Config(**QUICK) if args.quick else Config()
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.lr is not None:
-        cfg.lr = args.lr
-    if args.init_scale is not None:
-        cfg.init_scale = args.init_scale
+    cfg = common.config_from_args(Config, QUICK, args, ("steps", "lr", "init_scale"))
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
     out = common.out_dir(args.out, NAME)
-    runs = []
-    bar = common.tqdm_bar(total=seeds, desc=NAME, unit="run")
-    for seed in range(seeds):
-        runs.append(run_one(cfg, seed))
-        bar.update(1)
-    bar.close()
+    runs = common.run_each(NAME, lambda seed: run_one(cfg, seed), [(seed,) for seed in range(seeds)])
     rows = [[r["seed"], "-" if r["correlation"] is None else f"{r['correlation']:.4f}", f"{r['relative_error']:.3f}",
              f"{r['max_ntk_drift']:.3f}", f"{r['log'][0]['alignment_train']:.3f} -> {r['final']['alignment_train']:.3f}",
              f"{r['final']['test_acc']:.3f}"] for r in runs]
     table = common.print_table(["seed", "corr(measured, NTK-predicted)", "relative error", "max NTK drift",
                                 "alignment (train probes)", "final test acc"], rows,
                                title=f"{NAME}: one-step change of <x, c(x)> vs -(lr/n) sum_i Theta(x, x_i) r_i")
-    common.write_csv(os.path.join(out, "log.csv"), [dict(seed=r["seed"], **row) for r in runs for row in r["log"]])
-    common.write_csv(os.path.join(out, "pairs.csv"), [dict(seed=r["seed"], **p) for r in runs for p in r["pairs"]])
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs, ids=("seed",)))
+    common.write_csv(os.path.join(out, "pairs.csv"), common.log_rows(runs, "pairs", ids=("seed",)))
     r0 = runs[0]
     tr = [p for p in r0["pairs"] if p["split"] == "train"]
     te = [p for p in r0["pairs"] if p["split"] == "test"]
@@ -159,8 +148,5 @@ def main(args) -> Dict:
                  max_ntk_drift=[r["max_ntk_drift"] for r in runs],
                  final_alignment_train=[r["final"]["alignment_train"] for r in runs],
                  final_test_acc=[r["final"]["test_acc"] for r in runs])
-    result = dict(experiment=NAME, quick=bool(args.quick), config=asdict(cfg), seeds=seeds, summary=stats,
-                  table=table, plots=[png], wall_seconds=time.perf_counter() - t0)
-    common.write_json(os.path.join(out, "summary.json"), result)
-    print(f"[{NAME}] wrote {out}/summary.json, log.csv, pairs.csv, ntk.png", flush=True)
-    return result
+    return common.finish(NAME, out, args, cfg, t0, ("log.csv", "pairs.csv", "ntk.png"), seeds=seeds, summary=stats,
+                         table=table, plots=[png])

@@ -63,15 +63,26 @@ def panels(path: str, specs: Sequence[Dict], *, title: Optional[str] = None, nco
     return path
 
 
-def per_seed_series(runs: List[Dict], key_x: str, key_y: str, label: str, col: str, alpha: float = 0.8):
-    """One line per run (rows in ``run["log"]``), labelled once."""
+def per_seed_series(runs: List[Dict], key_x: str, key_y: str, label: str, col: str, alpha: float = 0.8, *,
+                    source: str = "log"):
+    """One line per run (rows in ``run[source]`` with a ``key_y`` value), labelled once."""
     out = []
-    for i, run in enumerate(runs):
-        rows = [r for r in run["log"] if r.get(key_y) is not None]
+    for run in runs:
+        rows = [r for r in run[source] if r.get(key_y) is not None]
         if not rows:
             continue
         out.append(dict(x=[r[key_x] for r in rows], y=[r[key_y] for r in rows],
                         label=label if not out else None, color=col, alpha=alpha))
+    return out
+
+
+def method_series(runs: List[Dict], methods: Sequence[str], key_y: str, *, key_x: str = "step", alpha: float = 0.8,
+                  source: str = "log"):
+    """:func:`per_seed_series` of each method's runs (``run["method"]``), one colour per method."""
+    out = []
+    for i, m in enumerate(methods):
+        out += per_seed_series([r for r in runs if r["method"] == m], key_x, key_y, m, color(i), alpha=alpha,
+                               source=source)
     return out
 
 

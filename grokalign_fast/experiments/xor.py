@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
-from . import common, data, plotting, summary
+from . import common, data, plotting, summary, train
 from ..centroids import centroid, cosine
 from ..regularizer import GrokAlign
 
@@ -72,40 +72,26 @@ def run_one(cfg: Config, seed: int, lam: float) -> Dict:
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     reg = GrokAlign(model, lam, generator=torch.Generator().manual_seed(seed)) if lam > 0 else None
     point = xtr[ytr > 0][:1]  # a training point of label +1 (so c(x) should point along x)
-    log: List[Dict] = []
-    sw = common.Stopwatch()
-    for step in range(cfg.steps + 1):
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            c = centroid(model, point, create_graph=False)
-            row = dict(step=step, train_acc=common.accuracy(model, xtr, ytr),
-                       test_acc=common.accuracy(model, xte, yte),
-                       alignment=float(cosine(point, c)[0]), centroid_norm=float(c.norm()),
-                       seconds=sw.wall)
-            for s in cfg.sigmas:
-                row[f"acc_sigma_{s:g}"] = _noisy_accuracy(model, xte, yte, s, noise)
-            log.append(row)
-        if step == cfg.steps:
-            break
-        with sw:
-            out, pen = reg(xtr) if reg is not None else (model(xtr), None)
-            loss = F.softplus(-ytr * out).mean()
-            if pen is not None:
-                loss = loss + pen
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
 
-    def first(key, level):
-        return next((r["step"] for r in log if r[key] >= level), None)
+    def evaluate(run: train.Run) -> Dict:
+        c = centroid(model, point, create_graph=False)
+        row = dict(train_acc=common.accuracy(model, xtr, ytr), test_acc=common.accuracy(model, xte, yte),
+                   alignment=float(cosine(point, c)[0]), centroid_norm=float(c.norm()), seconds=run.seconds)
+        for s in cfg.sigmas:
+            row[f"acc_sigma_{s:g}"] = _noisy_accuracy(model, xte, yte, s, noise)
+        return row
 
+    run = train.train(model, opt, xtr, ytr, lambda out, y: F.softplus(-y * out).mean(), steps=cfg.steps,
+                      eval_every=cfg.log_every, evaluate=evaluate, regularizer=reg)
     ref = f"acc_sigma_{cfg.sigma_ref:g}"
     return dict(seed=seed, lam=lam, method="grokalign" if lam > 0 else "weight decay",
-                generalised_step=first("test_acc", cfg.gen_level), robust_step=first(ref, cfg.robust_level),
-                final=log[-1], log=log, train_seconds=sw.wall)
+                generalised_step=train.first_step(run.log, "test_acc", cfg.gen_level),
+                robust_step=train.first_step(run.log, ref, cfg.robust_level),
+                final=run.log[-1], log=run.log, train_seconds=run.seconds)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lam", type=float, default=None, help="GrokAlign weight (default 1.0)")
+    p.add_argument("--lam", type=float, default=None, help="GrokAlign weight (default 0.1)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--p", type=int, default=None, help="input dimension")
     p.add_argument("--eps", type=float, default=None, help="noise coordinate size")
@@ -113,19 +99,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args) -> Dict:
     t0 = time.perf_counter()
-    cfg = Config(**QUICK) if args.quick else Config()
-    for k in ("lam", "steps", "p", "eps"):
-        if getattr(args, k) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = common.config_from_args(Config, QUICK, args, ("lam", "steps", "p", "eps"))
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     out = common.out_dir(args.out, NAME)
-    runs = []
-    bar = common.tqdm_bar(total=2 * seeds, desc=NAME, unit="run")
-    for seed in range(seeds):
-        for lam in (0.0, cfg.lam):
-            runs.append(run_one(cfg, seed, lam))
-            bar.update(1)
-    bar.close()
+    runs = common.run_each(NAME, lambda seed, lam: run_one(cfg, seed, lam),
+                           [(seed, lam) for seed in range(seeds) for lam in (0.0, cfg.lam)])
     methods = ["weight decay", "grokalign"]
     ref = f"acc_sigma_{cfg.sigma_ref:g}"
     stats, rows = {}, []
@@ -149,8 +127,7 @@ def main(args) -> Dict:
          "final alignment", f"final acc@sigma {cfg.sigma_ref:g}"], rows,
         title=f"{NAME}: p={cfg.p}, eps={cfg.eps}, n={cfg.n_train}, width={cfg.width}, lambda={cfg.lam} "
               f"('not grokked' = level not reached within {cfg.steps} steps)")
-    common.write_csv(os.path.join(out, "log.csv"),
-                     [dict(method=r["method"], seed=r["seed"], **row) for r in runs for row in r["log"]])
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
     specs = []
     for i, m in enumerate(methods):
         rs = [dict(log=r["log"]) for r in runs if r["method"] == m]
@@ -164,8 +141,5 @@ def main(args) -> Dict:
                           ylabel="cos(x, c(x))",
                           series=plotting.per_seed_series(rs, "step", "alignment", "alignment", plotting.color(3))))
     png = plotting.panels(os.path.join(out, "curves.png"), specs, title="xor: delayed robustness")
-    result = dict(experiment=NAME, quick=bool(args.quick), config=asdict(cfg), seeds=seeds, summary=stats,
-                  table=table, plots=[png], wall_seconds=time.perf_counter() - t0)
-    common.write_json(os.path.join(out, "summary.json"), result)
-    print(f"[{NAME}] wrote {out}/summary.json, log.csv, curves.png", flush=True)
-    return result
+    return common.finish(NAME, out, args, cfg, t0, ("log.csv", "curves.png"), seeds=seeds, summary=stats,
+                         table=table, plots=[png])
