@@ -117,11 +117,14 @@ class Streams:
         m = self.block(s)
         shape = tuple(s.shape[1:])
         if self.index is None:
-            out = s.view((self.K + 1, self.B * m) + shape) * slope
+            view, full = s.view((self.K + 1, self.B * m) + shape), slope
         else:
             rows = self.rows(slope, m)
+            view = s
             full = torch.cat([slope, rows.expand((self.K,) + tuple(rows.shape)).reshape((-1,) + tuple(slope.shape[1:]))])
-            out = s * full
+        # A bool slope (ReLU's mask) selects: no conversion to the value's dtype, and the backward
+        # selects the gradient the same way.
+        out = torch.where(full, view, 0.0) if full.dtype == torch.bool else view * full
         return self.mark(out.view((-1,) + shape))
 
     def add_bias_(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

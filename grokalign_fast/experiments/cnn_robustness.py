@@ -1,15 +1,16 @@
 """cnn-robustness: GrokAlign raises centroid alignment and robustness of a CNN, lowers its Jacobian rank (Fig. 5).
 
-A small bias-free ReLU CNN (3x3 convolutions, max-pooling, one linear layer) on the 8x8
-digits ([N, 1, 8, 8], inputs / 16; 1000 train, the rest test), or on CIFAR-10 when
-``--data-dir`` holds ``cifar-10-batches-py`` (5000 train / 1000 test images). Adam
-(lr 1e-3, weight decay 1e-4), cross-entropy, batch 100, with and without GrokAlign
-(lambda 1e-3, the paper's cross-entropy value, on the plain norm). Logged against steps:
-train / test accuracy; centroid alignment ``cos(x, c(x))`` and Jacobian PC1 (``s_1^2 /
-sum s_i^2``) on 16 test images (``GrokMonitor``); accuracy under our own L-inf PGD
-(random start, ``pgd_steps`` steps of size 2.5 eps / steps, inputs clipped to [0, 1])
-at growing eps on ``n_attack`` test images. This PGD is a short attack of our own, not
-AutoAttack: its robust accuracies are upper bounds.
+The paper's 6-convolution CNN (``grokalign_fast.models.cnn6``, bias-free, ReLU, three stages of
+two 3x3 convolutions and a 2x2 max-pool, one linear layer) on the 8x8 digits ([N, 1, 8, 8],
+inputs / 16; 1000 train, the rest test), or on CIFAR-10 when ``--data-dir`` holds
+``cifar-10-batches-py`` (5000 train / 1000 test images, 32x32). Adam (lr 1e-3, weight decay
+1e-4), cross-entropy, batch 100, with and without GrokAlign (lambda 1e-3, the paper's
+cross-entropy value, on the plain norm), computed on the dual-stream path (the forward
+estimator, one Rademacher probe). Logged against steps: train / test accuracy; centroid
+alignment ``cos(x, c(x))`` and Jacobian PC1 (``s_1^2 / sum s_i^2``) on 16 test images
+(``GrokMonitor``); accuracy under our own L-inf PGD (random start, ``pgd_steps`` steps of
+size 2.5 eps / steps, inputs clipped to [0, 1]) at growing eps on ``n_attack`` test images.
+This PGD is a short attack of our own, not AutoAttack: its robust accuracies are upper bounds.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import common, data, plotting, train
+from ..models import cnn6
 from ..monitor import GrokMonitor
 from ..regularizer import GrokAlign
 
@@ -40,28 +42,14 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     log_every: int = 250
-    channels: tuple = (16, 32, 32)
+    width: int = 16  # channels of the CNN's first stage (then 2x and 4x)
     eps: tuple = (0.05, 0.1, 0.2)
     pgd_steps: int = 10
     n_attack: int = 200
     n_probe: int = 16
 
 
-QUICK = dict(steps=60, log_every=30, channels=(8, 8, 8), n_attack=32, pgd_steps=3, n_probe=4)
-
-
-def cnn(in_ch: int, size: int, channels, classes: int = 10) -> nn.Sequential:
-    """Bias-free ReLU CNN: 3x3 convs (a 2x2 max-pool after each conv while the side is > 2), then one linear layer."""
-    layers: List[nn.Module] = []
-    c = in_ch
-    for out_c in channels:
-        layers += [nn.Conv2d(c, out_c, 3, padding=1, bias=False), nn.ReLU()]
-        c = out_c
-        if size > 2:
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-    layers += [nn.Flatten(), nn.Linear(c * size * size, classes, bias=False)]
-    return nn.Sequential(*layers)
+QUICK = dict(steps=60, log_every=30, width=4, n_attack=32, pgd_steps=3, n_probe=4)
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
@@ -87,9 +75,10 @@ def load(args_data_dir, quick: bool) -> data.Split:
 
 def run_one(cfg: Config, split: data.Split, seed: int, lam: float) -> Dict:
     gen = common.seed_everything(seed)
-    model = cnn(split.input_shape[0], split.input_shape[1], cfg.channels, split.num_classes)
+    model = cnn6(split.input_shape[0], split.num_classes, width=cfg.width, size=split.input_shape[1], bias=False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    reg = GrokAlign(model, lam, squared=cfg.squared, generator=torch.Generator().manual_seed(seed)) if lam > 0 else None
+    reg = GrokAlign(model, lam, squared=cfg.squared, estimator="forward",
+                    generator=torch.Generator().manual_seed(seed)) if lam > 0 else None
     monitor = GrokMonitor(model, split.x_test[: cfg.n_probe], every=cfg.log_every, max_probe=cfg.n_probe)
     xa, ya = split.x_test[: cfg.n_attack], split.y_test[: cfg.n_attack]
     attack_gen = torch.Generator().manual_seed(1234)

@@ -54,13 +54,8 @@ def batch_norm(ctx: Streams, func, args, kwargs):
                 "per channel: its output is 0 whatever the input, and its statistics mix the samples. Use a batch of "
                 "more than one sample, or eval mode"
             )
-        out_p = F.batch_norm(z_p, running_mean, running_var, weight, bias, True, momentum, eps)
-        dims = [0] + list(range(2, ndim))
-        var = z_p.var(dim=dims, unbiased=False)
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
-        return ctx.join(out_p, t * _channel_view(scale, ndim))
+        return ctx.mark(_BatchNormTrain.apply(z, weight, bias, running_mean, running_var, momentum, eps,
+                                              z_p.shape[0]))
     scale = torch.rsqrt(running_var + eps)
     if weight is not None:
         scale = scale * weight
@@ -135,3 +130,55 @@ def rms_norm(ctx: Streams, func, args, kwargs):
     if weight is not None:
         t_out = t_out * weight
     return ctx.join(out_p, t_out)
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Batch norm in train mode on the stacked rows, in one output buffer and one backward.
+
+    Forward: the primal rows ``[:n_p]`` through ATen's batch norm (batch statistics of the primal rows,
+    running statistics updated as the plain call updates them), the tangent rows scaled by
+    ``gamma * invstd`` per channel. Backward, for the primal rows: ATen's batch-norm backward plus the
+    tangent rows' dependence on the statistics, ``d invstd / d z = -invstd^2 x_hat / n``:
+
+        grad_z += -(gamma invstd^2 / n) x_hat S,     grad_gamma += invstd S,     S = sum(grad_t * t)
+
+    per channel (n values per channel); for the tangent rows ``grad_t * gamma * invstd``.
+    """
+
+    @staticmethod
+    def forward(ctx, s, weight, bias, running_mean, running_var, momentum, eps, n_p):
+        z_p, t = s[:n_p], s[n_p:]
+        out_p, mean, invstd = torch.native_batch_norm(z_p, weight, bias, running_mean, running_var, True,
+                                                      0.0 if momentum is None else momentum, eps)
+        shape = (-1,) + (1,) * (s.dim() - 2)
+        scale = invstd if weight is None else invstd * weight
+        out = torch.empty_like(s)
+        out[:n_p] = out_p
+        torch.mul(t, scale.view(shape), out=out[n_p:])
+        ctx.save_for_backward(s, weight, mean, invstd)
+        ctx.n_p, ctx.eps, ctx.shape = n_p, eps, shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, weight, mean, invstd = ctx.saved_tensors
+        n_p, shape = ctx.n_p, ctx.shape
+        z_p, t = s[:n_p], s[n_p:]
+        g_p, g_t = grad[:n_p].contiguous(), grad[n_p:]
+        need = ctx.needs_input_grad
+        gz, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g_p, z_p, weight, None, None, mean, invstd, True, ctx.eps,
+            [need[0], weight is not None and need[1], need[2]])
+        dims = [0] + list(range(2, s.dim()))
+        S = (g_t * t).sum(dim=dims)
+        grad_s = None
+        if need[0]:
+            w = torch.ones_like(invstd) if weight is None else weight
+            n = z_p.numel() // z_p.shape[1]
+            coeff = -(w * invstd * invstd * invstd / n * S)  # times (z - mean), i.e. x_hat / invstd
+            grad_s = torch.empty_like(s)
+            torch.add(gz, (z_p - mean.view(shape)) * coeff.view(shape), out=grad_s[:n_p])
+            torch.mul(g_t, (invstd * w).view(shape), out=grad_s[n_p:])
+        if gw is not None:
+            gw = gw + invstd * S
+        return grad_s, gw, gb, None, None, None, None, None

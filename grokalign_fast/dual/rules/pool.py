@@ -23,11 +23,17 @@ def _max_pool(ctx: Streams, func, args, kwargs, spatial: int, indices_pos: int):
         _, idx = func(z_p.detach(), *args[1:], **(kwargs or {}))
     # Every row gathered at its primal row's argmax: the primal rows' maxima and the tangents, in one
     # gather (its backward, a scatter-add, is the max-pool's).
+    lead = tuple(idx.shape[1: idx.dim() - spatial])
+    out_shape = (-1,) + tuple(idx.shape[1:])
+    if ctx.index is None:  # every stream lines up with the primal rows: the indices broadcast over them
+        streams = (ctx.K + 1, idx.shape[0]) + lead
+        flat_idx = idx.reshape(streams[1:] + (-1,)).unsqueeze(0).expand(streams + (-1,))
+        out = z.reshape(streams + (-1,)).gather(-1, flat_idx)
+        return ctx.mark(out.reshape(out_shape))
     rows = ctx.rows(idx, m)
     full = torch.cat([idx, rows.unsqueeze(0).expand((ctx.K,) + tuple(rows.shape)).reshape((-1,) + tuple(idx.shape[1:]))])
-    lead = tuple(full.shape[: full.dim() - spatial])
-    out = z.reshape(lead + (-1,)).gather(-1, full.reshape(lead + (-1,)))
-    return ctx.mark(out.reshape(full.shape))
+    out = z.reshape((full.shape[0],) + lead + (-1,)).gather(-1, full.reshape((full.shape[0],) + lead + (-1,)))
+    return ctx.mark(out.reshape(out_shape))
 
 
 @register("max_pool", F.max_pool1d)
