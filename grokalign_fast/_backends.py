@@ -142,10 +142,12 @@ def _format(head: str, reasons: Dict[str, Optional[str]], names: List[str]) -> s
 
 
 def available_backends(device: Optional[torch.device] = None) -> Dict[str, Optional[str]]:
-    """Map each backend to None (usable on ``device``) or the reason it is not."""
+    """Map each backend to None (usable on ``device``) or the reason it is not. ``"dual"`` (the
+    one-pass paths in plain PyTorch, :mod:`grokalign_fast.dual.plan`) needs nothing beyond torch."""
     device = torch.device("cpu") if device is None else torch.device(device)
     return {
         "reference": None,
+        "dual": None,
         "cpp": cpp_unavailable_reason(device),
         "triton": triton_unavailable_reason(device),
     }

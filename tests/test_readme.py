@@ -14,4 +14,6 @@ def test_api_tour_runs():
     scope = {}
     exec(compile(blocks[0], str(README), "exec"), scope)
     assert scope["penalty"].requires_grad
-    assert scope["reg"].last_backend in ("cpp", "reverse_mlp", "reference")
+    # The tour ends on the ResNet: the dual-stream engine, with the fused backends' reasons.
+    assert scope["reg"].last_backend == "dual"
+    assert scope["reg"].last_plan.reasons["cpp"] is not None

@@ -1,0 +1,160 @@
+"""Whole models on the dual-stream engine and the planner's choice of path.
+
+``GrokAlign(estimator="forward", backend="dual")`` against the reference path
+(``backend="reference"``: torch.func.jvp, with the batch statistics held constant where the model
+has BatchNorm in train mode) on the same probes, in float64: output, penalty, ``last_norm`` and
+every parameter gradient to 1e-10, for the CNN and ResNet-18 of ``grokalign_fast.models`` in
+train and eval mode, a custom ``forward`` with a skip connection and a ``torch.cat``, and a model
+with a layer that has no rule (the fallback and its warning).
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grokalign_fast import BackendUnavailableError, GrokAlign, available_backends
+from grokalign_fast.dual import SampleMixingError
+from grokalign_fast.models import ResNet18, cnn6, mlp
+
+from utils import F64, max_rel_err
+
+DT = torch.float64
+
+
+class SkipCat(nn.Module):
+    """A custom forward: a conv stem, a residual branch, a channel concat and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU())
+        self.head = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.cat([h + self.branch(h), F.avg_pool2d(h, 1)], dim=1)
+        return self.head(F.adaptive_max_pool2d(h, 3).flatten(1))
+
+
+class WithUnsupported(nn.Module):
+    """A layer the engine has no rule for (``torch.logsumexp`` inside a custom module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * torch.logsumexp(h, dim=1, keepdim=True)
+
+
+def _models():
+    torch.manual_seed(0)
+    return [
+        ("cnn6_eval", cnn6(2, 5, width=2, size=8).double().eval(), (3, 2, 8, 8)),
+        ("cnn6_bn_train", cnn6(2, 5, width=2, size=8, batch_norm=True).double().train(), (4, 2, 8, 8)),
+        ("resnet18_train", ResNet18(3, 4, width=2).double().train(), (3, 3, 8, 8)),
+        ("resnet18_eval", ResNet18(3, 4, width=2).double().eval(), (3, 3, 8, 8)),
+        ("skip_cat", SkipCat().double(), (3, 2, 6, 6)),
+        ("unsupported_layer", WithUnsupported().double(), (5, 6)),
+    ]
+
+
+def _step(model, x, backend, **kw):
+    model = copy.deepcopy(model)
+    reg = GrokAlign(model, 0.7, estimator="forward", backend=backend, generator=torch.Generator().manual_seed(3), **kw)
+    reg.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, pen = reg(x)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=DT).view_as(out)).sum() + pen,
+                                list(model.parameters()))
+    return out, pen, reg.last_norm, grads, reg, model
+
+
+@pytest.mark.parametrize("name,model,shape", _models(), ids=[m[0] for m in _models()])
+@pytest.mark.parametrize("kw", [dict(), dict(subsample=0.5, squared=True)], ids=["all", "subsample-squared"])
+def test_whole_model_on_the_engine_equals_the_reference(name, model, shape, kw):
+    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    got = _step(model, x, "dual", **kw)
+    want = _step(model, x, "reference", **kw)
+    assert got[4].last_backend == "dual" and want[4].last_backend == "reference"
+    for a, b in zip(got[:3], want[:3]):
+        assert max_rel_err(a, b) < F64["rtol"]
+    for a, b in zip(got[3], want[3]):
+        assert max_rel_err(a, b) < F64["rtol"]
+    for a, b in zip(got[5].buffers(), want[5].buffers()):  # running statistics updated once, alike
+        assert torch.equal(a, b)
+
+
+def test_unsupported_layer_warns_once_and_is_counted():
+    model = WithUnsupported().double()
+    reg = GrokAlign(model, 0.1, estimator="forward", backend="dual")
+    x = torch.randn(4, 6, dtype=DT)
+    with pytest.warns(UserWarning, match=r"no rule for torch.logsumexp"):
+        reg(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg(x)
+    assert reg.last_plan.counts["fallback:torch.logsumexp"] == 1
+
+
+class LoopMLP(nn.Module):
+    """The paper's MLP written as most people write it: a ModuleList and a loop."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+@pytest.mark.parametrize("estimator", ["forward", "reverse"])
+def test_a_loop_mlp_takes_the_same_path_as_its_sequential(estimator):
+    sizes = (9, 7, 6, 4)
+    loop = LoopMLP(sizes).double()
+    seq = mlp(sizes, dtype=DT)
+    seq.load_state_dict({f"{2 * i}.weight": l.weight for i, l in enumerate(loop.layers)})
+    x = torch.randn(5, 9, dtype=DT)
+    results = []
+    for model in (loop, seq):
+        reg = GrokAlign(model, 0.3, estimator=estimator, generator=torch.Generator().manual_seed(0))
+        out, pen = reg(x)
+        grads = torch.autograd.grad(out.sum() + pen, list(model.parameters()))
+        results.append((reg.last_plan, out, pen, grads))
+    (plan_loop, *a), (plan_seq, *b) = results
+    assert plan_loop.backend == plan_seq.backend == ("cpp" if available_backends()["cpp"] is None else "dual")
+    assert plan_loop.description == plan_seq.description
+    assert max_rel_err(a[0], b[0]) < F64["rtol"] and max_rel_err(a[1], b[1]) < F64["rtol"]
+    for ga, gb in zip(a[2], b[2]):
+        assert max_rel_err(ga, gb) < F64["rtol"]
+
+
+def test_planner_picks_the_engine_for_a_cnn_and_explains_the_fused_backends():
+    model = cnn6(1, 3, width=2, size=8).double()
+    x = torch.randn(2, 1, 8, 8, dtype=DT)
+    plan = GrokAlign(model, 0.1, estimator="forward").explain(x)
+    assert plan.backend == "dual"
+    assert plan.reasons["dual"] is None and plan.reasons["reference"] is None
+    assert "MLP chains" in plan.reasons["cpp"] and "Conv2d" in plan.reasons["cpp"]
+    with pytest.raises(BackendUnavailableError, match=r"backend='cpp'.*Conv2d"):
+        GrokAlign(model, 0.1, estimator="forward", backend="cpp")(x)
+    reverse = GrokAlign(model, 0.1, estimator="reverse").explain(x)
+    assert reverse.backend == "reference" and "forward (input-space) estimator" in reverse.reasons["dual"]
+
+
+def test_a_model_that_mixes_samples_is_refused_on_the_engine():
+    class Mixing(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    with pytest.raises(SampleMixingError, match=r"over the batch dimension"):
+        GrokAlign(Mixing(), 0.1, estimator="forward", backend="dual")(torch.randn(3, 4, dtype=DT))

@@ -1,0 +1,75 @@
+"""The op rademacher_ (random signs, C++ on the CPU) against probes.rademacher_reference, and the
+Rademacher probes every path draws."""
+import pytest
+import torch
+
+import grokalign_fast as ga
+from grokalign_fast.probes import rademacher_reference
+from utils import DEVICES, gen
+
+
+def needs_op():
+    reason = ga._backends.extension_ops_reason(("rademacher_",))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_op_draws_the_reference_signs(dtype):
+    """grokalign::rademacher_ == probes.rademacher_reference (the ATen path) from the same generator
+    state, leaving the generator in the same state: odd sizes, partial last words, empty draws."""
+    needs_op()
+    for seed, total in enumerate([0, 1, 7, 31, 32, 33, 95, 784 * 3 + 5, 4096 * 32 + 17]):
+        g = gen(seed)
+        want = rademacher_reference(total, torch.float32, torch.device("cpu"), g).to(dtype)
+        state = g.get_state()
+        g.manual_seed(seed)
+        got = torch.empty(total, dtype=dtype)
+        torch.ops.grokalign.rademacher_(got, g)
+        assert torch.equal(got, want), (total, dtype)
+        assert torch.equal(g.get_state(), state)
+    # generator=None draws from (and advances) the default CPU generator, as torch.randint does.
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        want = rademacher_reference(100, torch.float32, torch.device("cpu"), None).to(dtype)
+        torch.manual_seed(3)
+        got = torch.empty(100, dtype=dtype)
+        torch.ops.grokalign.rademacher_(got, None)
+    assert torch.equal(got, want)
+
+
+def test_op_refuses_bad_out():
+    needs_op()
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.ops.grokalign.rademacher_(torch.empty(4, dtype=torch.int64), None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.grokalign.rademacher_(torch.empty(4, 6).t(), None)
+
+
+def test_op_schema_and_fake():
+    needs_op()
+    from grokalign_fast import probes
+
+    assert probes._rademacher_op() is not None  # registers the fake
+    # Random by design: the checks that run the op twice and compare do not apply.
+    torch.library.opcheck(torch.ops.grokalign.rademacher_.default, (torch.empty(3, 5), torch.Generator()),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probes_are_the_reference_signs_on_every_path(device):
+    """draw_probes (the extension's fill where it is built) gives rademacher_reference's signs,
+    reshaped [P, B, *shape], for every target dtype, drawn on the generator's device."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        v = ga.draw_probes("rademacher", 2, 5, (3, 7), dtype=dtype, device=device, generator=gen(4))
+        want = rademacher_reference(2 * 5 * 21, torch.float32, torch.device("cpu"), gen(4))
+        want = want.to(dtype).reshape(2, 5, 3, 7)
+        assert v.dtype == dtype and v.device.type == device and torch.equal(v.cpu(), want)
+
+
+def test_probes_are_signs_with_identity_covariance():
+    v = ga.draw_probes("rademacher", 3, 500, (7, 3), dtype=torch.float64, device="cpu", generator=gen(0))
+    assert v.shape == (3, 500, 7, 3) and set(v.unique().tolist()) == {-1.0, 1.0}
+    flat = v.reshape(-1, 21)
+    cov = flat.t() @ flat / flat.shape[0]
+    assert (cov - torch.eye(21, dtype=torch.float64)).abs().max() < 5 / flat.shape[0] ** 0.5
