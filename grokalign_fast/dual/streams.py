@@ -116,16 +116,17 @@ class Streams:
         a dropout mask), whose primal output is ``slope * z`` and whose tangent is ``slope * t``."""
         m = self.block(s)
         shape = tuple(s.shape[1:])
+        if slope.dtype != s.dtype:
+            # A bool mask (ReLU) as the value's dtype on the primal rows only: a multiply by it costs what
+            # a ReLU costs, where torch.where took 2.3x that, forward and backward (CPU, [256, 32, 32, 32]).
+            slope = slope.to(s.dtype)
         if self.index is None:
             view, full = s.view((self.K + 1, self.B * m) + shape), slope
         else:
             rows = self.rows(slope, m)
             view = s
             full = torch.cat([slope, rows.expand((self.K,) + tuple(rows.shape)).reshape((-1,) + tuple(slope.shape[1:]))])
-        # A bool slope (ReLU's mask) selects: no conversion to the value's dtype, and the backward
-        # selects the gradient the same way.
-        out = torch.where(full, view, 0.0) if full.dtype == torch.bool else view * full
-        return self.mark(out.view((-1,) + shape))
+        return self.mark((view * full).view((-1,) + shape))
 
     def add_bias_(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Add ``bias`` (broadcast over a row) to the primal rows of ``out`` in place, for a fresh
