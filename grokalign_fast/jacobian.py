@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from . import _backends
@@ -136,7 +137,7 @@ def _basis(count: int, batch: int, shape, like: torch.Tensor, index: int) -> tor
     return e.reshape((batch,) + tuple(shape))
 
 
-def probe_products(
+def _probe_products(
     f: Callable,
     x: torch.Tensor,
     *,
@@ -146,13 +147,7 @@ def probe_products(
     generator: Optional[torch.Generator] = None,
     create_graph: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Run ``f`` once; return ``(f(x), G, scale)`` with ``G[p, b]`` the p-th probe product of sample b.
-
-    ``G`` is ``J v_p`` ([P, B, *out]) for ``"forward"``, ``u_p^T J`` ([P, B, *in])
-    for ``"reverse"`` and the rows or columns of J for ``"exact"``;
-    ``scale * mean_p ||G[p, b]||^2`` is the estimate of ``||J_b||_F^2`` (scale is
-    1, except for ``"exact"`` where it is the number of products).
-    """
+    """:func:`probe_products` without the attention backend's context."""
     _check_callable(f)
     check_batch_input(x)
     check_choice(estimator, "estimator", ESTIMATORS)
@@ -185,6 +180,22 @@ def probe_products(
     with torch.set_grad_enabled(create_graph):
         _, G = _jvps(f, x, [_basis(D, B, in_shape, x, d) for d in range(D)])
     return out, G, D
+
+
+def probe_products(f: Callable, x: torch.Tensor, **kw) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Run ``f`` once; return ``(f(x), G, scale)`` with ``G[p, b]`` the p-th probe product of sample b.
+
+    ``G`` is ``J v_p`` ([P, B, *out]) for ``"forward"``, ``u_p^T J`` ([P, B, *in])
+    for ``"reverse"`` and the rows or columns of J for ``"exact"``;
+    ``scale * mean_p ||G[p, b]||^2`` is the estimate of ``||J_b||_F^2`` (scale is
+    1, except for ``"exact"`` where it is the number of products). Keywords: ``estimator``,
+    ``num_probes``, ``probes``, ``generator``, ``create_graph``.
+
+    Scaled dot-product attention runs on its math backend here: the fused CPU and CUDA kernels
+    have no forward-mode derivative and no double backward, which the estimators need.
+    """
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _probe_products(f, x, **kw)
 
 
 def sq_norm_estimate(
@@ -245,7 +256,7 @@ def penalty_estimate(
               create_graph=True)
     if has_batch_dependence(f):
         stats = BatchStatistics(f)
-        with stats.record():
+        with stats.record(), sdpa_kernel([SDPBackend.MATH]):
             out = check_batch_output(f(x), x.shape[0])
         rows = x if index is None else x.index_select(0, index)
         with stats.replay(index):
@@ -253,7 +264,8 @@ def penalty_estimate(
         return out, est
     if index is None:
         return sq_norm_estimate(f, x, **kw)
-    out = f(x)
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = f(x)
     _, est = sq_norm_estimate(f, x.index_select(0, index), **kw)
     return out, est
 

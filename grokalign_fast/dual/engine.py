@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import fallback
 from .rules import lookup
+from .rules.attention import batch_first_attention
 from .streams import SampleMixingError, Streams
 
 # Tensor attributes and methods that read metadata: they run on the stacked value as they are.
@@ -170,7 +171,8 @@ def run(
     ctx = Streams(B, K, R, index)
     s = ctx.mark(torch.cat([x, V.reshape((K * R,) + tuple(x.shape[1:]))]))
     mode = DualMode(ctx, strict=strict, warned=warned)
-    with mode:
+    ctx.mode = mode  # rules that run a composition of other rules (attention) re-enter it
+    with batch_first_attention(model), mode:
         out = model(s)
     if not ctx.is_dual(out):
         raise SampleMixingError(

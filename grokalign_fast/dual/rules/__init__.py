@@ -11,7 +11,7 @@ sample. Rules are registered against every alias of the function (``F.relu``, ``
 Modules: :mod:`.linear` (Linear, convolutions, matmul), :mod:`.act` (activations, dropout),
 :mod:`.norm` (batch, layer, group and RMS norms), :mod:`.pool` (max and average pools),
 :mod:`.structural` (add, mul, cat, views, slicing, reductions over features, softmax, pointwise
-math). Each rule's reference is ``torch.func.jvp`` of the same function on one sample, which
+math), :mod:`.attention` (scaled dot-product and multi-head attention as the explicit formula). Each rule's reference is ``torch.func.jvp`` of the same function on one sample, which
 ``tests/test_dual_rules.py`` compares it with in float64.
 """
 from __future__ import annotations
@@ -58,6 +58,6 @@ def lookup(func) -> Optional[Rule]:
 
 
 # Importing the rule modules registers them.
-from . import act, linear, norm, pool, structural  # noqa: E402,F401
+from . import act, attention, linear, norm, pool, structural  # noqa: E402,F401
 
 __all__ = ["RULES", "Rule", "lookup", "register", "method"]

@@ -1,0 +1,135 @@
+r"""Attention: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` on the dual stream.
+
+Both run as the explicit formula (PAPER.md, "Softmax attention"),
+
+    S = Q K^T * scale (+ mask),   P = softmax(S),   O = P V,
+
+whose pieces have rules of their own: the score and output products follow the product rule
+(``S' = (Q' K^T + Q K'^T) * scale``, ``O' = P' V + P V'``), the softmax
+``P' = P * (S' - rowsum(P * S'))``, a mask moves the primal scores only, and dropout on ``P`` takes
+the primal rows' mask. The ``T x S`` score matrix is materialised; a flash-style kernel with the
+tangent streams is a later op of its own.
+
+``nn.MultiheadAttention`` reshapes to the sequence-first layout inside its ``forward``, which
+moves the batch dimension; while the engine runs, each instance's ``forward`` is replaced by
+:func:`multihead_attention` (the same projections and masks, batch-first throughout), and
+restored afterwards (:func:`batch_first_attention`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register
+from ._args import arg
+from ..streams import SampleMixingError, Streams
+
+
+def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` written out; run inside the engine's mode, every step goes
+    through its rule."""
+    L, S = q.size(-2), k.size(-2)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if enable_gqa and k.size(-3) != q.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p, True)
+    return torch.matmul(weights, v)
+
+
+@register("attention", F.scaled_dot_product_attention)
+def scaled_dot_product_attention(ctx: Streams, func, args, kwargs):
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    values = [arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+    with ctx.mode:
+        return explicit_attention(*values)
+
+
+@register("masked_fill", torch.masked_fill, torch.Tensor.masked_fill)
+def masked_fill(ctx: Streams, func, args, kwargs):
+    """``x.masked_fill(mask, value)``: the primal rows take the value, the tangent rows 0 (a constant
+    there); a mask laid out per row (from the input) or without a batch dimension."""
+    x, mask, value = args[0], arg(args, kwargs, 1, "mask"), arg(args, kwargs, 2, "value")
+    if not ctx.is_dual(x) or ctx.is_dual(value) or ctx.is_dual(mask):
+        return None
+    if ctx.is_aligned(mask):
+        m_p, m_t, _ = ctx.split(mask)
+        m_t = m_t.reshape((-1,) + tuple(m_t.shape[2:]))
+    elif mask.dim() >= x.dim() and mask.shape[0] != 1:
+        return None
+    else:
+        m_p = m_t = mask
+    x_p, t, _ = ctx.split(x)
+    return ctx.join(x_p.masked_fill(m_p, value), t.reshape((-1,) + tuple(t.shape[2:])).masked_fill(m_t, 0.0))
+
+
+def multihead_attention(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
+                        attn_mask=None, average_attn_weights=True, is_causal=False):
+    """``nn.MultiheadAttention.forward`` for ``batch_first=True`` written with functions the engine
+    has rules for: the in-projections, heads, explicit attention (masks, dropout in training) and
+    the out-projection. Returns ``(output, None)`` (attention weights are not computed here)."""
+    if not self.batch_first:
+        raise SampleMixingError(
+            "nn.MultiheadAttention(batch_first=False) takes [T, B, E] inputs: the batch is not the first "
+            "dimension. Build it with batch_first=True (inputs [B, T, E]) to use the dual-stream engine")
+    if self.bias_k is not None or self.add_zero_attn:
+        raise NotImplementedError("the dual-stream engine does not run nn.MultiheadAttention with add_bias_kv or "
+                                  "add_zero_attn; use backend='reference'")
+    E, H = self.embed_dim, self.num_heads
+    if self._qkv_same_embed_dim:
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+    bq = bk = bv = None
+    if self.in_proj_bias is not None:
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+
+    def heads(x, w, b):
+        y = F.linear(x, w, b)
+        return y.view(y.shape[0], y.shape[1], H, -1).transpose(1, 2)  # [N, H, T, d]
+
+    if key_padding_mask is not None:
+        raise NotImplementedError("the dual-stream engine does not take a key_padding_mask for nn.MultiheadAttention "
+                                  "yet; use backend='reference'")
+    q, k, v = heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dim() != 2:
+            raise NotImplementedError("the dual-stream engine takes a 2-D attn_mask [T, S] for nn.MultiheadAttention")
+        mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask  # MHA's True hides; SDPA's True keeps
+    out = explicit_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+    out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], E)
+    return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
+
+
+@contextlib.contextmanager
+def batch_first_attention(model):
+    """While the engine runs ``model``: every ``nn.MultiheadAttention`` in it runs
+    :func:`multihead_attention`."""
+    patched = []
+    if isinstance(model, nn.Module):
+        for m in model.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                patched.append(m)
+                m.forward = multihead_attention.__get__(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
