@@ -58,7 +58,13 @@ class GrokAlign(nn.Module):
             that can serve; a backend named explicitly raises
             :class:`~grokalign_fast.BackendUnavailableError` with the reason when it cannot.
         generator: ``torch.Generator`` for probes and subsampling.
-        check_finite_values: raise on a non-finite penalty.
+        check_finite_values: raise ``FloatingPointError`` on a non-finite penalty.
+        check_every: how often the finite check reads the penalty on the host. Reading a CUDA
+            tensor blocks the host until the device catches up, so a training step does no host
+            read: the penalties are summed on the device (a non-finite one makes the sum non-finite)
+            and the sum is read at the first computed penalty and then every ``check_every``-th
+            one. The error names the steps between two checks; ``check_every=1`` stops at the
+            step itself and names its samples.
 
     Attributes after a call: ``last_norm`` (detached mean per-sample norm, or squared norm with
     ``squared=True``, of the last computed penalty; None if no penalty was computed),
@@ -81,6 +87,7 @@ class GrokAlign(nn.Module):
         backend: str = "auto",
         generator: Optional[torch.Generator] = None,
         check_finite_values: bool = True,
+        check_every: int = 100,
     ):
         super().__init__()
         if not callable(model):
@@ -107,6 +114,12 @@ class GrokAlign(nn.Module):
         check_generator(generator)
         self.generator = generator
         self.check_finite_values = check_finite_values
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+        self.check_every = check_every
+        self._unchecked: Optional[torch.Tensor] = None  # the penalties summed since the last check
+        self._unchecked_count = 0
+        self._unchecked_since = 0
         self.step = 0
         self.last_norm: Optional[torch.Tensor] = None
         self.last_backend: Optional[str] = None
@@ -185,10 +198,33 @@ class GrokAlign(nn.Module):
             level = values.mean()
             penalty = factor * (level - self.target).abs()
             level = level.detach()
-        if self.check_finite_values and not math.isfinite(float(penalty.detach())):
-            self._raise_nonfinite(values)
+        if self.check_finite_values:
+            self._check_finite(penalty, values, step)
         self.last_norm = level
         return out, penalty
+
+    def _check_finite(self, penalty: torch.Tensor, values: torch.Tensor, step: int) -> None:
+        """Sum the penalty on the device; read the sum on the host at the first computed penalty and
+        every ``check_every``-th one after it (see the class doc)."""
+        detached = penalty.detach()
+        if self._unchecked is None:
+            self._unchecked, self._unchecked_since = detached, step
+        else:
+            self._unchecked = self._unchecked + detached
+        count = self._unchecked_count
+        self._unchecked_count = count + 1
+        if count % self.check_every != 0:
+            return
+        total, since = self._unchecked, self._unchecked_since
+        self._unchecked = None
+        if math.isfinite(float(total)):
+            return
+        if not math.isfinite(float(detached)):
+            self._raise_nonfinite(values)
+        raise FloatingPointError(
+            f"the penalty was not finite at a training call between calls {since} and {step} (the finite check "
+            f"reads every {self.check_every} penalties); rerun with check_every=1 to stop at that call and name "
+            "its samples")
 
     def _raise_nonfinite(self, values: torch.Tensor) -> None:
         """Raise for a non-finite penalty, naming the samples whose norm is not finite, or the weight

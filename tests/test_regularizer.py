@@ -363,3 +363,49 @@ def test_a_weight_that_overflows_the_penalty_is_named():
                     num_probes=3)  # exact
     with pytest.raises(FloatingPointError, match=r"overflowed .* \(weight=5e\+24"):
         reg(torch.ones(2, 3) * 1e3)
+
+
+_HOST_READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("estimator,subsample", [("forward", None), ("reverse", 0.5), ("forward", 0.5)])
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_a_default_training_step_reads_nothing_on_the_host(monkeypatch, model_name, estimator, subsample):
+    """No host read of a tensor in a training step (the finite check reads at the first penalty and
+    every check_every-th one): steps 1-3 run with every host read patched to fail."""
+    if model_name == "mlp":
+        model, x = mlp([5, 7, 3]), torch.randn(6, 5, dtype=torch.float64)
+    else:
+        from grokalign_fast.models import cnn6
+        model, x = cnn6(2, 3, width=2, size=8).double(), torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    reg = GrokAlign(model, 0.1, estimator=estimator, subsample=subsample, generator=gen(0))
+    reg(x)  # the first call reads once (the first finite check)
+    reads = []
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def patched(self, *a, _name=name, _original=original, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, patched)
+    for _ in range(3):
+        out, pen = reg(x)
+        (out.sum() + pen).backward()
+    assert reads == []
+
+
+def test_the_periodic_finite_check_names_the_calls_and_check_every_1_the_samples():
+    model = mlp([3, 4, 2], act=nn.Tanh)
+    good, bad = torch.randn(2, 3, dtype=torch.float64), torch.tensor([[1.0, float("nan"), 0.0]] * 2,
+                                                                      dtype=torch.float64)
+    reg = GrokAlign(model, 0.1, check_every=3)
+    for _ in range(2):
+        reg(good)
+    reg(bad)  # the third penalty: not checked yet
+    with pytest.raises(FloatingPointError, match=r"between calls 1 and 3 .*check_every=1"):
+        reg(good)  # the fourth: the sum of the three since the last check is read
+    reg = GrokAlign(model, 0.1, check_every=1)
+    reg(good)
+    with pytest.raises(FloatingPointError, match=r"not finite"):
+        reg(bad)
