@@ -244,16 +244,37 @@ def penalty_estimate(
     """The reference path of a training penalty: ``(f(x), est)`` with ``est[r]`` the estimate of
     ``||J||_F^2`` at ``x[index[r]]`` (every row when ``index`` is None), differentiable.
 
-    The output is the plain forward on the whole batch. A model with batch statistics or dropout
+    The output is the plain forward on the whole batch. For integer tokens ``x`` the Jacobian is taken
+    at their embedding (:mod:`grokalign_fast.dual.embedding`). A model with batch statistics or dropout
     (:func:`~grokalign_fast.dual.batch_stats.has_batch_dependence`) gets the per-sample Jacobian with
     the batch's statistics and masks held constant, the definition the dual-stream engine uses: the
     plain forward records them and the estimate replays them (one more forward). Otherwise, without
     ``index``, one forward serves both.
     """
     from .dual.batch_stats import BatchStatistics, has_batch_dependence
+    from .dual.embedding import Substitute, as_function_of_embedding, is_token_input, not_embedded
 
     kw = dict(estimator=estimator, num_probes=num_probes, probes=probes, generator=generator, backend="auto",
               create_graph=True)
+    if is_token_input(x):
+        # The Jacobian at the tokens' embedding e = E[x]: the plain forward keeps e (with its graph to
+        # the table), and the estimate differentiates e -> f(x) at the rows.
+        stats = BatchStatistics(f)
+        capture = Substitute(x, capture=True)
+        try:
+            with stats.record(), capture, sdpa_kernel([SDPBackend.MATH]):
+                out = check_batch_output(f(x), x.shape[0])
+        except Exception as exc:  # noqa: BLE001  (a model that cannot take tokens fails in its own way)
+            if capture.value is None:
+                raise not_embedded(x) from exc
+            raise
+        if capture.value is None:
+            raise not_embedded(x)
+        tokens = x if index is None else x.index_select(0, index)
+        e = capture.value if index is None else capture.value.index_select(0, index)
+        with stats.replay(index):
+            _, est = sq_norm_estimate(as_function_of_embedding(f, tokens), e, **kw)
+        return out, est
     if has_batch_dependence(f):
         stats = BatchStatistics(f)
         with stats.record(), sdpa_kernel([SDPBackend.MATH]):

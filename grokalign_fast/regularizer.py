@@ -29,17 +29,29 @@ from torch import nn
 from ._validation import check_batch_input, check_choice, check_finite, check_generator, check_nonnegative_number, \
     check_num_probes
 from .dual import plan as planning
+from .dual.embedding import is_token_input
 from .jacobian import ESTIMATORS
 from .probes import PROBES
+
+
+def _check_input(x) -> None:
+    """A floating-point batch ``[B, ...]``, or integer tokens ``[B, ...]`` (the Jacobian is then taken
+    at their embedding, :mod:`grokalign_fast.dual.embedding`)."""
+    if is_token_input(x):
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch of tokens [B, ...], got shape {list(x.shape)}")
+        return
+    check_batch_input(x)
 
 
 class GrokAlign(nn.Module):
     """Wrap ``model`` so one call returns ``(model(x), penalty)``.
 
     Args:
-        model: maps ``[B, ...]`` to ``[B, ...]`` with samples independent (BatchNorm in train mode
-            and dropout are taken per sample, with the batch's statistics and masks held constant:
-            see :mod:`grokalign_fast.dual.rules.norm`).
+        model: maps ``[B, ...]`` to ``[B, ...]`` with samples independent. For integer tokens the
+            Jacobian is taken at their (first) embedding lookup. BatchNorm in train mode
+            and dropout are taken per sample, with the batch's statistics and masks held constant
+            (:mod:`grokalign_fast.dual.rules.norm`).
         weight: lambda >= 0 (the paper: 1e-4 for MSE, 1e-3 for cross-entropy).
         estimator: ``"reverse"`` (default; output-space probes, VJPs reusing the forward),
             ``"forward"`` (input-space Hutchinson, JVPs: the dual-stream path for any model),
@@ -167,7 +179,7 @@ class GrokAlign(nn.Module):
     def explain(self, x: torch.Tensor) -> planning.Plan:
         """The plan a training call on ``x`` runs: its backend, a description, and per backend the
         reason it cannot serve (None: it can)."""
-        check_batch_input(x)
+        _check_input(x)
         return self.planner(x).plan(x)
 
     def forward(self, x: torch.Tensor):
@@ -181,7 +193,7 @@ class GrokAlign(nn.Module):
             self.last_norm = None
             out = self.model(x)
             return out, out.new_zeros(())
-        check_batch_input(x)
+        _check_input(x)
         plan = self.planner(x).plan(x)
         self.last_plan, self.last_backend = plan, plan.backend
         idx = self._subsample_index(x.shape[0], x.device)

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import fallback
 from .rules import lookup
+from .embedding import is_token_input, not_embedded
 from .rules.attention import batch_first_attention
 from .streams import SampleMixingError, Streams
 
@@ -100,6 +101,8 @@ class DualMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         ctx = self.ctx
+        if func is F.embedding and ctx.seed is not None and args and args[0] is ctx.seed[0]:
+            return self._seed(func, args, kwargs)
         if not _has_dual(ctx, args, kwargs) or func in _METADATA_METHODS:
             return func(*args, **kwargs)
         attr = _getset_name(func)
@@ -126,6 +129,19 @@ class DualMode(TorchFunctionMode):
                 stacklevel=2,
             )
         return self._inplace(func, args, fallback.call(ctx, func, args, kwargs))
+
+    def _seed(self, func, args, kwargs):
+        """The first embedding lookup of the token input: its output becomes the dual value, with the
+        probes as its tangent rows (:mod:`grokalign_fast.dual.embedding`)."""
+        ctx = self.ctx
+        tokens, V = ctx.seed
+        ctx.seed = None
+        e = func(*args, **kwargs)
+        if tuple(e.shape[1:]) != tuple(V.shape[2:]):
+            raise ValueError(f"the probes have per-sample shape {list(V.shape[2:])} but the embedding of x has "
+                             f"{list(e.shape[1:])}")
+        self.counts["embedding"] += 1
+        return ctx.join(e, V.reshape((-1,) + tuple(e.shape[1:])).to(e.dtype))
 
     def _inplace(self, func, args, out):
         """An in-place method's result is written back into its first argument, as the plain call would."""
@@ -156,8 +172,10 @@ def run(
 
     Args:
         model: maps ``[B, ...]`` to ``[B, ...]`` with samples independent.
-        x: the primal batch ``[B, ...]``.
-        V: tangent probes ``[K, R, *x.shape[1:]]``; stream k of row r rides on ``x[index[r]]``.
+        x: the primal batch ``[B, ...]``: floating point, or integer tokens whose first embedding lookup
+            the Jacobian is taken at (:mod:`grokalign_fast.dual.embedding`).
+        V: tangent probes ``[K, R, *shape]`` (``shape``: ``x.shape[1:]``, or the embedding's per-sample
+            shape); stream k of row r rides on ``x[index[r]]``.
         index: ``[R]`` long, or None for every row (R = B).
         strict: raise :class:`NoRuleError` for a function without a rule instead of falling back.
         warned: the names already warned about (the fallback warns once per name in this set; a
@@ -169,11 +187,17 @@ def run(
     """
     B, K, R = x.shape[0], V.shape[0], V.shape[1]
     ctx = Streams(B, K, R, index)
-    s = ctx.mark(torch.cat([x, V.reshape((K * R,) + tuple(x.shape[1:]))]))
+    if is_token_input(x):
+        # The tangents start at the first embedding lookup of the tokens (see DualMode._seed).
+        s, ctx.seed = x, (x, V)
+    else:
+        s = ctx.mark(torch.cat([x, V.reshape((K * R,) + tuple(x.shape[1:]))]))
     mode = DualMode(ctx, strict=strict, warned=warned)
     ctx.mode = mode  # rules that run a composition of other rules (attention) re-enter it
     with batch_first_attention(model), mode:
         out = model(s)
+    if ctx.seed is not None:
+        raise not_embedded(x)
     if not ctx.is_dual(out):
         raise SampleMixingError(
             f"the model's output on the dual stream is not a per-sample value ({type(out).__name__} of shape "

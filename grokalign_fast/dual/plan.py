@@ -40,6 +40,7 @@ from ..ops.mlp import reverse_mlp as mlp_reverse
 from ..ops.mlp import whole_mlp
 from ..probes import drawer, resolve_probes
 from . import engine
+from .embedding import is_token_input, no_trace, output_shape
 from .trace import mlp_chain
 
 BACKENDS = ("auto", "reference", "dual", "cpp", "triton")
@@ -117,24 +118,19 @@ class Planner:
 
 
 def output_size(model, x: torch.Tensor) -> int:
-    """Outputs per sample of ``model`` at ``x``, from one sample, leaving no trace: no gradient, and the
-    random numbers and the buffers (BatchNorm's running statistics) restored."""
+    """Outputs per sample of ``model`` at ``x``, from one sample, leaving no trace (see
+    :func:`~grokalign_fast.dual.embedding.no_trace`)."""
     steps, _ = mlp_chain(model)
     if steps is not None:
         return [s for s in steps if isinstance(s, mlp_model.LinearStep)][-1].linear.out_features
-    buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, nn.Module) else []
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            if isinstance(model, nn.Module):
-                model.eval()  # one sample through a train-mode BatchNorm has no statistics
-            return model(x[:1]).numel()
-    finally:
-        for m, training in modes:
-            m.training = training
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
+    with no_trace(model):
+        return model(x[:1]).numel()
+
+
+def input_shape(model, x: torch.Tensor) -> tuple:
+    """The per-sample shape the Jacobian is taken with respect to: ``x``'s, or for integer tokens the
+    first embedding lookup's (:mod:`grokalign_fast.dual.embedding`)."""
+    return output_shape(model, x) if is_token_input(x) else tuple(x.shape[1:])
 
 
 def auto_estimator(model, x: torch.Tensor) -> str:
@@ -142,13 +138,15 @@ def auto_estimator(model, x: torch.Tensor) -> str:
     both cost one extra pass per probe, and the smaller space gives the lower variance (for probes on
     the sphere of radius sqrt(n) the variance of the estimate of ||J||_F^2 = tr(A) is
     2 n/(n+2) (||A||_F^2 - tr(A)^2 / n), with A = J J^T (n = C) or J^T J (n = D))."""
-    return "reverse" if output_size(model, x) <= x[0].numel() else "forward"
+    return "reverse" if output_size(model, x) <= math.prod(input_shape(model, x)) else "forward"
 
 
 def _chain_reasons(model, x: torch.Tensor, estimator: str) -> Tuple[Optional[list], Dict[str, Optional[str]]]:
     """The MLP chain of ``model`` (or None) and, per fused backend, why it cannot serve."""
     training = bool(getattr(model, "training", False))
     steps, chain_reason = mlp_chain(model)
+    if is_token_input(x):
+        steps, chain_reason = None, "the input is integer tokens (the Jacobian is taken at their embedding)"
     fused = "the fused {} kernels serve MLP chains (nn.Linear and activations): {}"
     if estimator == "forward":
         if steps is None:
@@ -235,6 +233,10 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
 
         return run, "the one-pass output-space MLP path in plain PyTorch"
 
+    if is_token_input(x):
+        in_shape = output_shape(model, x)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype()) \
+            if isinstance(model, nn.Module) else torch.get_default_dtype()
     draw = drawer(resolve_probes(probes, "forward"), K, in_shape, math.prod(in_shape), dtype=dtype, device=device,
                   generator=generator)
     training = bool(getattr(model, "training", False))

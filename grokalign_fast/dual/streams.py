@@ -41,6 +41,8 @@ class Streams:
             raise ValueError(f"R = {R} tangent rows per stream need an index when B = {B}")
         self.B, self.K, self.R, self.index = B, K, R, index
         self.N = B + K * R
+        self.seed = None  # (tokens, probes) until the tokens' embedding seeds the tangents
+        self.mode = None  # the DualMode running the call
         self._dual: Dict[int, torch.Tensor] = {}
         self._aligned: Dict[int, torch.Tensor] = {}
         self._row_index: Dict[int, torch.Tensor] = {}
