@@ -34,3 +34,11 @@ def test_glue_bound_runs():
     out = _run("bench/glue_bound.py", "--sizes", "20-9-7-3", "--batch", "16", "--rounds", "2")
     for row in ("| plain |", "| GrokAlign |", "| op only |", "| op + draws |"):
         assert row in out
+
+
+def test_interleaved_conv_runs():
+    """The convolutional models' benchmark on its smallest setting: it checks the engine against the
+    reference (float64, 1e-10) before timing, so a broken rule fails here too."""
+    out = _run("bench/interleaved_conv.py", "--rounds", "1", "--width", "2", "--providers", "dual,func_jvp")
+    for row in ("| cnn6-w2-b128 | dual |", "| resnet18-w2-b64 | func_jvp |"):
+        assert row in out
