@@ -16,6 +16,16 @@ TORCH_LIBRARY(grokalign, m) {
   // probes from the same generator state (csrc/cpu/rademacher_cpu.cpp).
   m.def("rademacher_(Tensor(a!) out, Generator? generator=None) -> ()");
 
+  // The dual-stream engine's epilogue of a piecewise-linear activation (grokalign_fast/dual/rules/act.py)
+  // on stacked rows: s [N, n] holds primal rows [0, P) and tangent rows [P, N); tangent row j rides on
+  // primal row src(j) = index[j % R] (index [R] long) or j % P (index None).
+  //   act: 1 relu, 2 leaky_relu (slope alpha).
+  // Returns out [N, n] = s * d, with d = 1 where the primal row's value > 0 and 0 (relu) or alpha
+  // (leaky_relu) elsewhere, read from row src(j) for tangent rows; and mask = [z > 0] uint8 [P, n].
+  m.def("dual_act(Tensor s, int primal_rows, Tensor? index, int act, float alpha) -> (Tensor out, Tensor mask)");
+  // Its backward (and the same pass on any rows): grad_s = grad * d, d from mask as above.
+  m.def("dual_act_backward(Tensor grad, Tensor mask, int primal_rows, Tensor? index, int act, float alpha) -> Tensor");
+
   // Dual-stream Linear(+bias) + activation: the primal batch and K forward-mode
   // tangent streams through y = s(x W^T + b) (grokalign_fast/ops/mlp/reference.py).
   //   x [B, IN], t [K, R, IN], weight [OUT, IN], bias [OUT]?, index [R] long?

@@ -113,9 +113,10 @@ class DualMode(TorchFunctionMode):
                 raise SampleMixingError(f"the model takes Tensor.{attr} of a value, which moves the batch dimension")
         rule = lookup(func)
         if rule is not None:
+            ctx.kernel = None
             out = rule.fn(ctx, func, args, kwargs)
             if out is not None:
-                self.counts[rule.name] += 1
+                self.counts[rule.name if ctx.kernel is None else f"{rule.name}[{ctx.kernel}]"] += 1
                 return self._inplace(func, args, out)
         name = func_name(func)
         if self.strict:
@@ -167,6 +168,7 @@ def run(
     *,
     strict: bool = False,
     warned: Optional[Set[str]] = None,
+    kernels: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, Counter]:
     """Run ``model`` on the dual stream.
 
@@ -180,6 +182,8 @@ def run(
         strict: raise :class:`NoRuleError` for a function without a rule instead of falling back.
         warned: the names already warned about (the fallback warns once per name in this set; a
             planner keeps one set per plan); None: one set for the process.
+        kernels: let rules run the extension's kernels where one serves (counted as ``"rule[cpp]"``);
+            False: every rule in ATen ops.
 
     Returns:
         ``(y, sq, counts)``: the model's output ``[B, ...]``, ``sq[r] = (1/K) sum_k ||J V[k, r]||^2``
@@ -187,6 +191,7 @@ def run(
     """
     B, K, R = x.shape[0], V.shape[0], V.shape[1]
     ctx = Streams(B, K, R, index)
+    ctx.kernels = kernels
     if is_token_input(x):
         # The tangents start at the first embedding lookup of the tokens (see DualMode._seed).
         s, ctx.seed = x, (x, V)

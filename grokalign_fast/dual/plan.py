@@ -14,10 +14,12 @@ Backends (``backend=``), fastest first:
   ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
 - ``"triton"``: the forward estimator's per-layer Triton kernels, for MLP chains. ``"auto"`` never
   picks them under Triton's CPU interpreter.
-- ``"dual"``: plain PyTorch ops in one pass. Forward estimator: the dual-stream engine
+- ``"dual"``: one pass without double backward. Forward estimator: the dual-stream engine
   (:func:`~grokalign_fast.dual.engine.run`) on any model (convolutions, norms, pooling, residual
-  connections, custom ``forward``); reverse estimator: the one-pass output-space path of
-  piecewise-linear MLPs (:mod:`grokalign_fast.ops.mlp.reverse_mlp`).
+  connections, attention, custom ``forward``), its rules in ATen ops and, where the extension is
+  built, its ReLU epilogue as ``grokalign::dual_act`` (``plan.counts`` shows ``"relu[cpp]"``);
+  reverse estimator: the one-pass output-space path of piecewise-linear MLPs in plain PyTorch
+  (:mod:`grokalign_fast.ops.mlp.reverse_mlp`).
 - ``"reference"``: the autograd / ``torch.func`` estimators of :mod:`grokalign_fast.jacobian`,
   any estimator on any model (an extra forward and a double backward).
 

@@ -2,8 +2,9 @@ r"""Pointwise activations and dropout: ``y = s(z)``, ``t' = s'(z) * t`` with z t
 
 - Positively homogeneous activations (ReLU, leaky ReLU) and dropout are ``y = d(z) * z`` with a
   slope ``d`` that is piecewise constant in z: the whole stacked buffer is multiplied by the
-  primal rows' slope in one pass (:meth:`Streams.scale`), and autograd saves only the slope (a
-  bool mask for ReLU). No gradient flows through the mask.
+  primal rows' slope (:meth:`Streams.scale`). No gradient flows through the mask. Where the
+  extension is built, ReLU and leaky ReLU run as its one-pass op ``grokalign::dual_act``
+  (:mod:`grokalign_fast.ops.dual_act`: a byte mask is the saved state).
 - Smooth activations: the primal runs the plain function, the tangent rows take ``s'(z)`` of
   their primal row, and training differentiates through ``s'`` (it needs ``s''``, which autograd
   derives from the closed forms of :mod:`grokalign_fast.ops.mlp.reference`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...ops import dual_act as dual_act_op
 from ...ops.mlp.reference import act_d1
 from . import method, register
 from ._args import arg
@@ -28,9 +30,24 @@ def smooth(ctx: Streams, z: torch.Tensor, value, slope) -> torch.Tensor:
     return ctx.join(value(z_p), t * ctx.rows(slope(z_p), m))
 
 
+def _by_kernel(ctx: Streams, z: torch.Tensor, act: str, alpha: float):
+    """The activation as the extension's one-pass op ``grokalign::dual_act`` on the rows flattened to
+    [N*m, features], or None where it cannot serve (then the ATen ops below run)."""
+    if not ctx.kernels or z.dim() < 1 or dual_act_op.unavailable_reason(z) is not None:
+        return None
+    m = ctx.block(z)
+    index = None if ctx.index is None else ctx.row_index(m)
+    out, _ = dual_act_op.dual_act(z.reshape(z.shape[0], -1), ctx.B * m, index, act, alpha)
+    ctx.kernel = "cpp"
+    return ctx.mark(out.view(z.shape))
+
+
 @register("relu", F.relu, torch.relu, method("relu"), F.relu_, torch.relu_, method("relu_"))
 def relu(ctx: Streams, func, args, kwargs):
     z = arg(args, kwargs, 0, "input")
+    out = _by_kernel(ctx, z, "relu", 0.0)
+    if out is not None:
+        return out
     z_p, _, _ = ctx.split(z)
     return ctx.scale(z, z_p > 0)
 
@@ -39,6 +56,9 @@ def relu(ctx: Streams, func, args, kwargs):
 def leaky_relu(ctx: Streams, func, args, kwargs):
     z = arg(args, kwargs, 0, "input")
     slope = float(arg(args, kwargs, 1, "negative_slope", 0.01))
+    out = _by_kernel(ctx, z, "leaky_relu", slope)
+    if out is not None:
+        return out
     z_p, _, _ = ctx.split(z)
     d = torch.where(z_p > 0, torch.ones((), dtype=z.dtype, device=z.device),
                     torch.full((), slope, dtype=z.dtype, device=z.device))
