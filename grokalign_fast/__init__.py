@@ -6,9 +6,10 @@ Main entry points:
   - :class:`GrokAlign` -- the regulariser as an nn.Module, ``out, penalty = reg(x)``;
   - :func:`centroid`, :func:`centroid_alignment`, ... -- monitoring;
   - :mod:`grokalign_fast.metrics` -- Jacobian row alignment, PC1 / effective
-    rank, layer-wise centroids, empirical NTK, Fourier Gini.
+    rank, layer-wise centroids, empirical NTK, Fourier Gini;
+  - :mod:`grokalign_fast.optim` -- OrthoGrad.
 """
-from . import metrics
+from . import metrics, optim
 from ._backends import BackendUnavailableError, available_backends
 from .centroids import centroid, centroid_alignment, centroid_inner_product, centroid_norm
 from .jacobian import jacobian, jacobian_norm
@@ -31,4 +32,5 @@ __all__ = [
     "jacobian",
     "jacobian_norm",
     "metrics",
+    "optim",
 ]

@@ -21,7 +21,9 @@ defaults chosen on the digits, see ``DEFAULT_GROKALIGN``); ``grokalign-paper`` (
 paper's lambda 1e-4 MSE / 1e-3 CE, authors' estimator, opt-in: it is as slow as the
 baseline); ``grokfast`` (EMA alpha 0.8, lambda 0.1); ``noise`` ("adversarial"
 training, Gaussian input noise sigma = max(0.06 (1 - train acc), 0.03), with the
-training accuracy of the last evaluation); and ``grokalign+grokfast``.
+training accuracy of the last evaluation); ``grokalign+grokfast``; and, opt-in, ``orthograd``
+(AdamW wrapped in :class:`grokalign_fast.optim.OrthoGrad`: each gradient without its component
+along its weight).
 
 Seeds: ``--seeds`` (default 5); ``--method-seeds`` lowers it for some methods. The
 default (``DEMO_METHOD_SEEDS``: baseline 3, grokfast 2, noise 3, grokalign+grokfast 3,
@@ -45,13 +47,14 @@ import torch.nn.functional as F
 from . import common, data, plotting, summary, train
 from .. import models
 from ..monitor import GrokMonitor
+from ..optim import OrthoGrad
 from ..regularizer import GrokAlign
 
 NAME = "grok-digits"
 HELP = "Omnigrok grokking on the digits: baseline vs GrokAlign, Grokfast, noise, GrokAlign+Grokfast (the main job)"
 
 DEFAULT_METHODS = ("baseline", "grokalign", "grokfast", "noise", "grokalign+grokfast")
-ALL_METHODS = DEFAULT_METHODS + ("grokalign-paper",)
+ALL_METHODS = DEFAULT_METHODS + ("grokalign-paper", "orthograd")
 # Methods measured to need the baseline's ~40k steps on the digits (run first, for packing).
 SLOW_METHODS = ("baseline", "grokfast", "grokalign-paper")
 # Seeds per method in the default run (`make demo`), so that it fits 10 minutes on 2 cores:
@@ -136,7 +139,10 @@ def run_one(cfg: Config, method: str, seed: int, *, split: Optional[data.Split] 
 
     gen = common.seed_everything(seed)
     model = models.mlp((xtr.shape[1],) + tuple(cfg.hidden) + (C,), init_scale=cfg.init_scale, dtype=dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if method == "orthograd":
+        opt = OrthoGrad(model.parameters(), torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     ga_kw = grokalign_kwargs(cfg, method)
     reg = GrokAlign(model, generator=torch.Generator().manual_seed(10_000 + seed), **ga_kw) if ga_kw else None
     gf = common.Grokfast(model, cfg.grokfast_alpha, cfg.grokfast_lamb) if "grokfast" in method else None
