@@ -240,9 +240,12 @@ def penalty_estimate(
     num_probes: int = 1,
     probes: str = "auto",
     generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    offset: bool = False,
+):
     """The reference path of a training penalty: ``(f(x), est)`` with ``est[r]`` the estimate of
-    ``||J||_F^2`` at ``x[index[r]]`` (every row when ``index`` is None), differentiable.
+    ``||J||_F^2`` at ``x[index[r]]`` (every row when ``index`` is None), differentiable. With
+    ``offset``, ``(f(x), est, b2)`` with ``b2[r] = ||f(x_r) - J(x_r) x_r||^2``, the squared offset of
+    the local affine map, ``J x`` from ``torch.func.jvp`` with the tangent ``x`` itself.
 
     The output is the plain forward on the whole batch. For integer tokens ``x`` the Jacobian is taken
     at their embedding (:mod:`grokalign_fast.dual.embedding`). A model with batch statistics or dropout
@@ -256,6 +259,8 @@ def penalty_estimate(
 
     kw = dict(estimator=estimator, num_probes=num_probes, probes=probes, generator=generator, backend="auto",
               create_graph=True)
+    if offset and is_token_input(x):
+        raise NotImplementedError("the offset term J x needs floating-point inputs, not tokens")
     if is_token_input(x):
         # The Jacobian at the tokens' embedding e = E[x]: the plain forward keeps e (with its graph to
         # the table), and the estimate differentiates e -> f(x) at the rows.
@@ -282,13 +287,24 @@ def penalty_estimate(
         rows = x if index is None else x.index_select(0, index)
         with stats.replay(index):
             _, est = sq_norm_estimate(f, rows, **kw)
+            if offset:
+                return out, est, _offset_sq(f, rows)
         return out, est
     if index is None:
-        return sq_norm_estimate(f, x, **kw)
+        out, est = sq_norm_estimate(f, x, **kw)
+        return (out, est, _offset_sq(f, x)) if offset else (out, est)
     with sdpa_kernel([SDPBackend.MATH]):
         out = f(x)
-    _, est = sq_norm_estimate(f, x.index_select(0, index), **kw)
-    return out, est
+    rows = x.index_select(0, index)
+    _, est = sq_norm_estimate(f, rows, **kw)
+    return (out, est, _offset_sq(f, rows)) if offset else (out, est)
+
+
+def _offset_sq(f: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``||f(x_b) - J(x_b) x_b||^2`` per row, with ``J x`` by ``torch.func.jvp`` along ``x`` itself."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        y, jx = torch.func.jvp(_explicit_norms(f), (x,), (x,))
+    return (y - jx).pow(2).flatten(1).sum(1)
 
 
 def safe_sqrt(v: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,12 @@ class GrokAlign(nn.Module):
             reverse estimator, Rademacher for the forward one.
         squared: penalise ``||J||_F^2`` (Hoffman et al.) instead of ``||J||_F``.
         target: if given, penalise ``|target - mean ||J||_F|`` instead.
+        offset: ``mu >= 0``: add ``mu * mean_b ||f(x_b) - J(x_b) x_b||^2``, the squared offset of the
+            local affine map (the authors' newer penalty is ``offset=weight`` with ``squared=False``).
+            ``J x`` is one more tangent stream on the dual-stream engine (forward estimator), a
+            ``torch.func.jvp`` along ``x`` on the reference path; for a bias-free MLP of
+            piecewise-linear activations (ReLU, leaky ReLU) ``f(x) = J x`` and nothing is computed.
+            Floating-point inputs only.
         subsample: fraction in (0, 1] of the batch that carries the penalty.
         every: compute the penalty every n-th training call, scaled by n.
         backend: ``"auto"``, ``"reference"``, ``"dual"``, ``"cpp"`` or ``"triton"``
@@ -79,7 +85,8 @@ class GrokAlign(nn.Module):
             step itself and names its samples.
 
     Attributes after a call: ``last_norm`` (detached mean per-sample norm, or squared norm with
-    ``squared=True``, of the last computed penalty; None if no penalty was computed),
+    ``squared=True``, of the last computed penalty; None if no penalty was computed), ``last_offset``
+    (detached mean ``||f(x) - J x||^2`` with ``offset > 0``, else None),
     ``last_backend`` (the backend that ran), ``last_plan`` (the :class:`~grokalign_fast.dual.plan.Plan`:
     backend, the reasons the faster ones could not serve, a description).
     """
@@ -94,6 +101,7 @@ class GrokAlign(nn.Module):
         probes: str = "auto",
         squared: bool = False,
         target: Optional[float] = None,
+        offset: float = 0.0,
         subsample: Optional[float] = None,
         every: int = 1,
         backend: str = "auto",
@@ -114,6 +122,7 @@ class GrokAlign(nn.Module):
             raise TypeError(f"squared must be a bool, got {squared!r}")
         self.squared = squared
         self.target = None if target is None else check_nonnegative_number(target, "target")
+        self.offset = check_nonnegative_number(offset, "offset")
         if subsample is not None:
             if isinstance(subsample, bool) or not isinstance(subsample, (int, float)) or not (0 < subsample <= 1):
                 raise ValueError(f"subsample must be a fraction in (0, 1] or None, got {subsample!r}")
@@ -134,6 +143,7 @@ class GrokAlign(nn.Module):
         self._unchecked_since = 0
         self.step = 0
         self.last_norm: Optional[torch.Tensor] = None
+        self.last_offset: Optional[torch.Tensor] = None
         self.last_backend: Optional[str] = None
         self.last_plan: Optional[planning.Plan] = None
         self._planner: Optional[planning.Planner] = None
@@ -141,7 +151,7 @@ class GrokAlign(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"weight={self.weight}, estimator={self.estimator!r}, num_probes={self.num_probes}, "
-            f"probes={self.probes!r}, squared={self.squared}, target={self.target}, "
+            f"probes={self.probes!r}, squared={self.squared}, target={self.target}, offset={self.offset}, "
             f"subsample={self.subsample}, every={self.every}, backend={self.backend!r}"
         )
 
@@ -167,12 +177,13 @@ class GrokAlign(nn.Module):
         """The planner for the current settings (a new one when a setting changed since the last call)."""
         if self.estimator == "auto":
             self.estimator = planning.auto_estimator(self.model, x)
-        settings = (self.estimator, self.backend, self.num_probes, self.probes, self.squared, id(self.generator))
+        settings = (self.estimator, self.backend, self.num_probes, self.probes, self.squared, id(self.generator),
+                    self.offset > 0)
         planner = self._planner
         if planner is None or planner.settings != settings:
             planner = planning.Planner(self.model, estimator=self.estimator, backend=self.backend,
                                        num_probes=self.num_probes, probes=self.probes, squared=self.squared,
-                                       generator=self.generator)
+                                       generator=self.generator, offset=self.offset > 0)
             self._planner = planner
         return planner
 
@@ -184,13 +195,13 @@ class GrokAlign(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if not self._penalty_active():
-            self.last_norm = None
+            self.last_norm = self.last_offset = None
             out = self.model(x)
             return out, out.new_zeros(())
         step = self.step
         self.step = step + 1
         if step % self.every != 0:
-            self.last_norm = None
+            self.last_norm = self.last_offset = None
             out = self.model(x)
             return out, out.new_zeros(())
         _check_input(x)
@@ -202,14 +213,20 @@ class GrokAlign(nn.Module):
         if self.target is None:
             # values[r] = factor / R * norm[r]: the penalty is their sum (the fused ops apply the
             # factor in their epilogue and backward seed).
-            out, values = plan.run(x, idx, factor / rows)
+            out, values, offset = plan.run(x, idx, factor / rows)
             penalty = values.sum()
             level = penalty.detach() / factor
         else:
-            out, values = plan.run(x, idx, 1.0)
+            out, values, offset = plan.run(x, idx, 1.0)
             level = values.mean()
             penalty = factor * (level - self.target).abs()
             level = level.detach()
+        if offset is not None:
+            mean_offset = offset.mean()
+            penalty = penalty + (self.offset * self.every) * mean_offset
+            self.last_offset = mean_offset.detach()
+        else:
+            self.last_offset = None
         if self.check_finite_values:
             self._check_finite(penalty, values, step)
         self.last_norm = level

@@ -169,7 +169,8 @@ def run(
     strict: bool = False,
     warned: Optional[Set[str]] = None,
     kernels: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor, Counter]:
+    jx: bool = False,
+):
     """Run ``model`` on the dual stream.
 
     Args:
@@ -184,11 +185,18 @@ def run(
             planner keeps one set per plan); None: one set for the process.
         kernels: let rules run the extension's kernels where one serves (counted as ``"rule[cpp]"``);
             False: every rule in ATen ops.
+        jx: also carry the tangent ``x[index[r]]`` itself (one more stream) and return ``J x`` at each
+            row: the offset ``f(x) - J x`` of the local affine map costs that stream.
 
     Returns:
         ``(y, sq, counts)``: the model's output ``[B, ...]``, ``sq[r] = (1/K) sum_k ||J V[k, r]||^2``
-        ``[R]``, and the calls per rule.
+        ``[R]``, and the calls per rule; with ``jx``, also ``J x`` ``[R, *y.shape[1:]]``.
     """
+    if jx:
+        if is_token_input(x):
+            raise NotImplementedError("the offset term J x needs floating-point inputs, not tokens")
+        rows_x = x if index is None else x.index_select(0, index)
+        V = torch.cat([V, rows_x.unsqueeze(0).to(V.dtype)])
     B, K, R = x.shape[0], V.shape[0], V.shape[1]
     ctx = Streams(B, K, R, index)
     ctx.kernels = kernels
@@ -211,5 +219,9 @@ def run(
     y, t, m = ctx.split(out)
     if m != 1:
         raise SampleMixingError(f"the model's output has {out.shape[0]} rows for a batch of {B}")
+    if jx:
+        streams = t.reshape((K, R) + tuple(y.shape[1:]))
+        sq = streams[:-1].reshape(K - 1, R, -1).pow(2).sum(dim=(0, 2)) / (K - 1)
+        return y, sq, mode.counts, streams[-1]
     sq = t.reshape(K, R, -1).pow(2).sum(dim=(0, 2)) / K
     return y, sq, mode.counts

@@ -38,6 +38,7 @@ from torch import nn
 from .. import _backends
 from ..jacobian import penalty_estimate, safe_sqrt
 from ..ops.mlp import model as mlp_model
+from ..ops.mlp.reference import PIECEWISE_LINEAR
 from ..ops.mlp import reverse_mlp as mlp_reverse
 from ..ops.mlp import whole_mlp
 from ..probes import drawer, resolve_probes
@@ -59,10 +60,13 @@ def check_backend(backend) -> str:
 class Plan:
     """How the penalty is computed for one signature.
 
-    ``run(x, index, scale) -> (model(x), values)``: ``values[r] = scale * est`` at row ``x[index[r]]``
-    (every row when ``index`` is None), where ``est`` is the estimate of ``||J||_F^2`` or, with
-    ``squared=False``, its square root (value and gradient 0 at 0). With ``scale = weight / R`` the
-    penalty is ``values.sum()``.
+    ``run(x, index, scale) -> (model(x), values, offset)``: ``values[r] = scale * est`` at row
+    ``x[index[r]]`` (every row when ``index`` is None), where ``est`` is the estimate of ``||J||_F^2``
+    or, with ``squared=False``, its square root (value and gradient 0 at 0). With ``scale = weight / R``
+    the penalty is ``values.sum()``. ``offset``: None, or when the planner was asked for it,
+    ``||f(x_r) - J(x_r) x_r||^2`` per row (unscaled), the squared offset of the local affine map:
+    exactly 0 without computing it for a bias-free MLP of piecewise-linear activations, where
+    ``f(x) = J x``.
     """
 
     estimator: str
@@ -77,12 +81,13 @@ class Planner:
     """Plans (cached per signature) for one model and one set of estimator settings."""
 
     def __init__(self, model, *, estimator: str, backend: str, num_probes: int, probes: str, squared: bool,
-                 generator: Optional[torch.Generator]):
+                 generator: Optional[torch.Generator], offset: bool = False):
         self.model = model
         self.estimator = estimator
         self.backend = check_backend(backend)
         self.num_probes, self.probes, self.squared, self.generator = num_probes, probes, squared, generator
-        self.settings = (estimator, backend, num_probes, probes, squared, id(generator))
+        self.offset = offset
+        self.settings = (estimator, backend, num_probes, probes, squared, id(generator), offset)
         self.warned: set = set()  # the engine's fallback warnings, once per function per planner
         self._cache: Optional[Tuple[tuple, Plan]] = None
 
@@ -114,7 +119,7 @@ class Planner:
             return cache[1]
         plan = make_plan(self.model, x, estimator=self.estimator, backend=self.backend,
                          num_probes=self.num_probes, probes=self.probes, squared=self.squared,
-                         generator=self.generator, warned=self.warned)
+                         generator=self.generator, warned=self.warned, offset=self.offset)
         self._cache = (sig, plan)
         return plan
 
@@ -177,11 +182,26 @@ def _chain_reasons(model, x: torch.Tensor, estimator: str) -> Tuple[Optional[lis
     return steps, {"cpp": why, "triton": why, "dual": why}
 
 
+def _homogeneous_chain(steps) -> bool:
+    """A bias-free MLP chain of piecewise-linear activations: positively homogeneous, f(x) = J(x) x."""
+    return steps is not None and all(
+        not isinstance(s, mlp_model.LinearStep) or (s.linear.bias is None and s.act in PIECEWISE_LINEAR)
+        for s in steps)
+
+
 def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probes: int, probes: str,
-              squared: bool, generator: Optional[torch.Generator], warned: Optional[set] = None) -> Plan:
+              squared: bool, generator: Optional[torch.Generator], warned: Optional[set] = None,
+              offset: bool = False) -> Plan:
     """Choose the backend for ``model`` at ``x`` and bind its per-call function (see :class:`Plan`)."""
     check_backend(backend)
     steps, reasons = _chain_reasons(model, x, estimator)
+    zero_offset = offset and _homogeneous_chain(steps)
+    if offset and not zero_offset:
+        why = "the fused ops do not compute the offset term f(x) - J x (the model has biases or smooth activations)"
+        for name in ("cpp", "triton"):
+            reasons[name] = reasons[name] or why
+        if estimator != "forward":
+            reasons["dual"] = reasons["dual"] or why
     reasons["reference"] = None
     if backend == "auto":
         chosen = next(name for name in ORDER if reasons[name] is None
@@ -191,14 +211,27 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
             raise _backends.BackendUnavailableError(
                 f"backend={backend!r} cannot compute the {estimator!r} estimator for this model: {reasons[backend]}")
         chosen = backend
+    with_offset = offset and not zero_offset
     run, description = _runner(model, x, steps, estimator, chosen, num_probes, probes, squared, generator,
-                               set() if warned is None else warned)
+                               set() if warned is None else warned, with_offset)
+    if not with_offset:
+        base = run
+
+        def run(x, index=None, scale=1.0):
+            out, values = base(x, index, scale)
+            return out, values, (values.new_zeros(values.shape) if zero_offset else None)
+
+        run.counts = getattr(base, "counts", {})
+        if zero_offset:
+            description += "; offset 0 (a bias-free piecewise-linear MLP: f(x) = J x)"
     plan = Plan(estimator, chosen, reasons, run, description)
     plan.counts = getattr(run, "counts", {})
     return plan
 
 
-def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, warned):
+def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, warned, offset=False):
+    """``(run, description)``; ``run`` returns ``(out, values)``, or with ``offset``
+    ``(out, values, offset)`` (the reference path and the engine compute the offset)."""
     root = not squared
     dtype, device = x.dtype, x.device
     in_shape = tuple(x.shape[1:])
@@ -212,9 +245,9 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
 
     if backend == "reference":
         def run(x, index=None, scale=1.0):
-            out, est = penalty_estimate(model, x, index, estimator=estimator, num_probes=K, probes=probes,
-                                        generator=generator)
-            return out, finish(est, scale)
+            res = penalty_estimate(model, x, index, estimator=estimator, num_probes=K, probes=probes,
+                                   generator=generator, offset=offset)
+            return (res[0], finish(res[1], scale)) + tuple(res[2:])
 
         return run, f"the {estimator} estimator by autograd / torch.func (jacobian.penalty_estimate)"
 
@@ -260,10 +293,14 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
     counts: Dict[str, int] = {}
 
     def run(x, index=None, scale=1.0):
-        out, est, calls = engine.run(model, x, draw(rows(x, index)), index, warned=warned)
+        res = engine.run(model, x, draw(rows(x, index)), index, warned=warned, jx=offset)
+        out, est, calls = res[:3]
         counts.clear()
         counts.update(calls)
-        return out, finish(est, scale)
+        if not offset:
+            return out, finish(est, scale)
+        y_rows = out if index is None else out.index_select(0, index)
+        return out, finish(est, scale), (y_rows - res[3]).pow(2).flatten(1).sum(1)
 
     run.counts = counts
     return run, "the dual-stream engine (grokalign_fast.dual.engine)"
