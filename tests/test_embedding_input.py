@@ -15,7 +15,7 @@ from torch import nn
 
 from grokalign_fast import GrokAlign
 
-from utils import F64, exact_sq_norms, max_rel_err
+from utils import F64, exact_sq_norms, grokalign_step, max_rel_err
 
 DT = torch.float64
 P, D = 11, 8
@@ -45,11 +45,10 @@ def _tokens(B=4):
 
 
 def _step(model, x, **kw):
-    model = copy.deepcopy(model)
-    reg = GrokAlign(model, 1.0, squared=True, generator=torch.Generator().manual_seed(5), **kw)
-    out, pen = reg(x)
-    grads = torch.autograd.grad(out.sum() + pen, list(model.parameters()))
-    return pen.detach(), grads, reg.last_backend
+    """(penalty, parameter gradients, backend) of one squared-norm step on a copy of ``model``."""
+    reg, _, pen, grads = grokalign_step(copy.deepcopy(model), x, 1.0, squared=True,
+                                        generator=torch.Generator().manual_seed(5), **kw)
+    return pen, grads, reg.last_backend
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
