@@ -91,3 +91,23 @@ def test_bias_free_piecewise_linear_mlp_skips_the_offset():
     reg(x)
     assert float(reg.last_offset) > 0 and reg.last_backend == "reference"
     assert "offset term" in reg.last_plan.reasons["cpp"]
+
+
+def test_authors_way_equals_grokalign_offset_form():
+    """sparse-parity's ``grokalign-authors`` (autograd.functional.jvp with create_graph, a unit Gaussian
+    output probe through a create_graph VJP) and ``GrokAlign(offset=lam)`` with the output-space
+    estimator draw the same probe from the same generator state: same penalty, same gradients."""
+    from grokalign_fast.experiments.sparse_parity import AuthorsPenalty
+
+    model = mlp([6, 9, 3], act=nn.GELU)
+    x = torch.randn(5, 6, dtype=DT, generator=torch.Generator().manual_seed(4))
+    results = []
+    for make in (lambda m: AuthorsPenalty(m, 0.1, generator=torch.Generator().manual_seed(8)),
+                 lambda m: GrokAlign(m, 0.1, offset=0.1, estimator="reverse", generator=torch.Generator().manual_seed(8))):
+        m = copy.deepcopy(model)
+        out, pen = make(m)(x)
+        results.append((pen.detach(), torch.autograd.grad(out.sum() + pen, list(m.parameters()))))
+    (p1, g1), (p2, g2) = results
+    assert max_rel_err(p1, p2) < F64["rtol"]
+    for a, b in zip(g1, g2):
+        assert max_rel_err(a, b) < F64["rtol"]

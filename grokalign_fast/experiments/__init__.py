@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "cnn-robustness": "cnn_robustness",
     "inhibit": "inhibit",
     "modadd": "modadd",
+    "sparse-parity": "sparse_parity",
 }
 
 

@@ -143,7 +143,7 @@ def train(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     steps: int,
-    eval_every: int,
+    eval_every,
     evaluate: Callable[[Run], Dict],
     batches: Optional[Callable[[int], torch.Tensor]] = None,
     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -167,7 +167,8 @@ def train(
         x, y: the training inputs and the targets ``loss`` compares the output with.
         loss: ``loss(out, y_batch) -> scalar`` (the task loss, without the penalty).
         steps: the step cap.
-        eval_every: evaluate after every ``eval_every``-th step and after the last; also at step 0.
+        eval_every: evaluate after every ``eval_every``-th step (or, a callable, after each step for
+            which ``eval_every(step)`` is true) and after the last; also at step 0.
         evaluate: ``evaluate(run) -> dict``, the row for ``run.step`` (``step`` is put first by the loop).
         batches: ``batches(step) -> indices`` of the step's batch; None: the full batch every step.
         forward: the function trained when there is no regularizer (default: ``model``).
@@ -185,8 +186,9 @@ def train(
         monitor_columns: ``{row key: monitor record key}`` copied from the record into the row.
         progress: a tqdm bar with this description (total ``steps``), updated at each logged row.
     """
-    if steps < 0 or eval_every < 1:
+    if steps < 0 or (not callable(eval_every) and eval_every < 1):
         raise ValueError(f"need steps >= 0 and eval_every >= 1, got steps={steps}, eval_every={eval_every}")
+    due = eval_every if callable(eval_every) else (lambda step: step % eval_every == 0)
     forward = forward if forward is not None else model
     columns = dict(monitor_columns or {})
     run = Run()
@@ -237,7 +239,7 @@ def train(
             run._loss = task
             if regularizer is not None and regularizer.last_norm is not None:
                 run._penalty, run._penalty_norm = pen.detach(), regularizer.last_norm  # read at evaluation
-            if run.step % eval_every == 0 or run.step == steps:
+            if due(run.step) or run.step == steps:
                 checkpoint()
     finally:
         if bar is not None:
