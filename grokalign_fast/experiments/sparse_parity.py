@@ -11,7 +11,8 @@ Methods:
 - ``baseline``: weight decay only;
 - ``grokalign``: ``GrokAlign(model, 0.1)`` (the library's defaults: one output-space probe);
 - ``grokalign-offset``: the authors' joint penalty computed the library's way,
-  ``GrokAlign(model, 0.1, offset=0.1)`` (``lambda (E ||J||_F + E ||f(x) - J x||^2)``);
+  ``GrokAlign(model, 0.1, offset=0.1, estimator="forward")`` (``lambda (E ||J||_F + E ||f(x) - J x||^2)``):
+  the probe's tangent and ``J x`` ride one dual-stream pass;
 - ``grokalign-authors``: the same penalty computed as the authors' code computes it
   (:class:`AuthorsPenalty`: ``J x`` by ``torch.autograd.functional.jvp`` with ``create_graph``,
   ``||J||_F`` from one unit Gaussian output probe through a ``create_graph`` VJP times
@@ -120,7 +121,7 @@ def run_one(cfg: Config, method: str, seed: int) -> Dict:
     gen = torch.Generator().manual_seed(10_000 + seed)
     reg = {
         "grokalign": lambda: GrokAlign(model, cfg.lam, generator=gen),
-        "grokalign-offset": lambda: GrokAlign(model, cfg.lam, offset=cfg.lam, generator=gen),
+        "grokalign-offset": lambda: GrokAlign(model, cfg.lam, offset=cfg.lam, estimator="forward", generator=gen),
         "grokalign-authors": lambda: AuthorsPenalty(model, cfg.lam, generator=gen),
     }.get(method, lambda: None)()
     gf = common.Grokfast(model, 0.8, 0.1) if method == "grokfast" else None
