@@ -40,6 +40,7 @@ from ._validation import (
     check_generator,
     check_num_probes,
 )
+from .dual.rules._args import arg
 from .ops.probe_sqnorm import probe_sqnorm
 from .probes import draw_probes, resolve_probes
 
@@ -86,11 +87,10 @@ class _ExplicitLayerNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.layer_norm:
-            x = args[0]
-            shape = tuple(args[1] if len(args) > 1 else kwargs["normalized_shape"])
-            weight = args[2] if len(args) > 2 else kwargs.get("weight")
-            bias = args[3] if len(args) > 3 else kwargs.get("bias")
-            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+            x = arg(args, kwargs, 0, "input")
+            shape = tuple(arg(args, kwargs, 1, "normalized_shape"))
+            weight, bias = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+            eps = arg(args, kwargs, 4, "eps", 1e-5)
             dims = tuple(range(-len(shape), 0))
             var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
             out = (x - mean) * torch.rsqrt(var + eps)
@@ -255,7 +255,7 @@ def penalty_estimate(
     ``index``, one forward serves both.
     """
     from .dual.batch_stats import BatchStatistics, has_batch_dependence
-    from .dual.embedding import Substitute, as_function_of_embedding, is_token_input, not_embedded
+    from .dual.embedding import Substitute, as_function_of_embedding, expect_embedding, is_token_input
 
     kw = dict(estimator=estimator, num_probes=num_probes, probes=probes, generator=generator, backend="auto",
               create_graph=True)
@@ -266,15 +266,9 @@ def penalty_estimate(
         # the table), and the estimate differentiates e -> f(x) at the rows.
         stats = BatchStatistics(f)
         capture = Substitute(x, capture=True)
-        try:
-            with stats.record(), capture, sdpa_kernel([SDPBackend.MATH]):
-                out = check_batch_output(f(x), x.shape[0])
-        except Exception as exc:  # noqa: BLE001  (a model that cannot take tokens fails in its own way)
-            if capture.value is None:
-                raise not_embedded(x) from exc
-            raise
-        if capture.value is None:
-            raise not_embedded(x)
+        with expect_embedding(x, lambda: capture.value is not None), stats.record(), capture, \
+                sdpa_kernel([SDPBackend.MATH]):
+            out = check_batch_output(f(x), x.shape[0])
         tokens = x if index is None else x.index_select(0, index)
         e = capture.value if index is None else capture.value.index_select(0, index)
         with stats.replay(index):

@@ -144,7 +144,6 @@ class GrokAlign(nn.Module):
         self.step = 0
         self.last_norm: Optional[torch.Tensor] = None
         self.last_offset: Optional[torch.Tensor] = None
-        self.last_backend: Optional[str] = None
         self.last_plan: Optional[planning.Plan] = None
         self._planner: Optional[planning.Planner] = None
 
@@ -161,6 +160,11 @@ class GrokAlign(nn.Module):
         state["_planner"] = None
         state["last_plan"] = None
         return state
+
+    @property
+    def last_backend(self) -> Optional[str]:
+        """The backend of the last computed penalty's plan (None before any)."""
+        return None if self.last_plan is None else self.last_plan.backend
 
     def _penalty_active(self) -> bool:
         return self.training and self.weight > 0 and torch.is_grad_enabled()
@@ -206,7 +210,7 @@ class GrokAlign(nn.Module):
             return out, out.new_zeros(())
         _check_input(x)
         plan = self.planner(x).plan(x)
-        self.last_plan, self.last_backend = plan, plan.backend
+        self.last_plan = plan
         idx = self._subsample_index(x.shape[0], x.device)
         rows = x.shape[0] if idx is None else idx.shape[0]
         factor = self.weight * self.every

@@ -35,5 +35,12 @@ inline int64_t check(const char* op, const at::Tensor& s, int64_t P, const std::
   return R;
 }
 
+// The mask of dual_act_backward: uint8 [P, n] for rows of width n.
+inline void check_mask(const at::Tensor& mask, int64_t P, int64_t n) {
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.size(0) == P && mask.size(1) == n,
+              "grokalign::dual_act_backward: mask must be uint8 [", P, ", ", n, "], got ", mask.scalar_type(), " ",
+              mask.sizes());
+}
+
 }  // namespace dual_act
 }  // namespace grokalign

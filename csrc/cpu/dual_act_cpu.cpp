@@ -70,10 +70,7 @@ std::tuple<Tensor, Tensor> dual_act_cpu(const Tensor& s_in, int64_t P, const std
 Tensor dual_act_backward_cpu(const Tensor& grad_in, const Tensor& mask_in, int64_t P,
                              const std::optional<Tensor>& index_in, int64_t act, double alpha) {
   const int64_t R = dual_act::check("dual_act_backward", grad_in, P, index_in, act);
-  TORCH_CHECK(mask_in.scalar_type() == at::kByte && mask_in.dim() == 2 && mask_in.size(0) == P &&
-                  mask_in.size(1) == grad_in.size(1),
-              "grokalign::dual_act_backward: mask must be uint8 [", P, ", ", grad_in.size(1), "], got ",
-              mask_in.scalar_type(), " ", mask_in.sizes());
+  dual_act::check_mask(mask_in, P, grad_in.size(1));
   const Tensor grad = grad_in.contiguous();
   const Tensor mask = mask_in.contiguous();
   std::optional<Tensor> index;

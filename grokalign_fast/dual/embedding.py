@@ -66,16 +66,23 @@ def output_shape(model, x: torch.Tensor) -> Tuple[int, ...]:
     """The per-sample shape of the first embedding lookup of the tokens ``x`` in ``model``."""
     first = x[:1]
     finder = _Find(first)
+    with expect_embedding(x, lambda: finder.shape is not None), no_trace(model), finder:
+        model(first)
+    return finder.shape
+
+
+@contextlib.contextmanager
+def expect_embedding(x: torch.Tensor, found):
+    """Run a model on the tokens ``x``: if no embedding lookup of them was seen (``found()`` is
+    false), whatever the model raised on integer inputs becomes :func:`not_embedded`'s error."""
     try:
-        with no_trace(model), finder:
-            model(first)
+        yield
     except Exception as exc:  # noqa: BLE001  (a model that cannot take tokens fails in its own way)
-        if finder.shape is None:
+        if not found():
             raise not_embedded(x) from exc
         raise
-    if finder.shape is None:
+    if not found():
         raise not_embedded(x)
-    return finder.shape
 
 
 def not_embedded(x: torch.Tensor) -> TypeError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Optional, Set
 
 import torch
 import torch.nn.functional as F

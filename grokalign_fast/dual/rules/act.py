@@ -118,33 +118,13 @@ def hardtanh(ctx: Streams, func, args, kwargs):
     return smooth(ctx, z, lambda v: torch.clamp(v, lo, hi), lambda v: ((v > lo) & (v < hi)).to(v.dtype))
 
 
-def _dropout(ctx: Streams, func, args, kwargs, mask_fn):
+@register("dropout", F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+def dropout(ctx: Streams, func, args, kwargs):
     z = arg(args, kwargs, 0, "input")
     p = float(arg(args, kwargs, 1, "p", 0.5))
     training = bool(arg(args, kwargs, 2, "training", True))
     if not training or p == 0.0:
         return z
     z_p, _, _ = ctx.split(z)
-    # The plain call's random numbers: dropout of ones of the primal rows' shape is its mask, scaled.
-    mask = mask_fn(torch.ones_like(z_p), p, True)
-    return ctx.scale(z, mask)
-
-
-@register("dropout", F.dropout)
-def dropout(ctx, func, args, kwargs):
-    return _dropout(ctx, func, args, kwargs, F.dropout)
-
-
-@register("dropout", F.dropout1d)
-def dropout1d(ctx, func, args, kwargs):
-    return _dropout(ctx, func, args, kwargs, F.dropout1d)
-
-
-@register("dropout", F.dropout2d)
-def dropout2d(ctx, func, args, kwargs):
-    return _dropout(ctx, func, args, kwargs, F.dropout2d)
-
-
-@register("dropout", F.dropout3d)
-def dropout3d(ctx, func, args, kwargs):
-    return _dropout(ctx, func, args, kwargs, F.dropout3d)
+    # The plain call's random numbers: the same dropout of ones of the primal rows' shape is its mask, scaled.
+    return ctx.scale(z, func(torch.ones_like(z_p), p, True))

@@ -94,34 +94,10 @@ class _BlockConv(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
-@register("conv", F.conv1d)
-def conv1d(ctx, func, args, kwargs):
-    return _conv(ctx, func, args, kwargs, 1)
-
-
-@register("conv", F.conv2d)
-def conv2d(ctx, func, args, kwargs):
-    return _conv(ctx, func, args, kwargs, 2)
-
-
-@register("conv", F.conv3d)
-def conv3d(ctx, func, args, kwargs):
-    return _conv(ctx, func, args, kwargs, 3)
-
-
-@register("conv", F.conv_transpose1d)
-def conv_transpose1d(ctx, func, args, kwargs):
-    return _conv(ctx, func, args, kwargs, 1)
-
-
-@register("conv", F.conv_transpose2d)
-def conv_transpose2d(ctx, func, args, kwargs):
-    return _conv(ctx, func, args, kwargs, 2)
-
-
-@register("conv", F.conv_transpose3d)
-def conv_transpose3d(ctx, func, args, kwargs):
-    return _conv(ctx, func, args, kwargs, 3)
+@register("conv", F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def conv(ctx, func, args, kwargs):
+    weight = arg(args, kwargs, 1, "weight")
+    return _conv(ctx, func, args, kwargs, weight.dim() - 2)
 
 
 @register("matmul", torch.matmul, method("matmul"), method("__matmul__"), operator.matmul, torch.mm, method("mm"),

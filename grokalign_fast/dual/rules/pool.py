@@ -36,31 +36,13 @@ def _max_pool(ctx: Streams, func, args, kwargs, spatial: int, indices_pos: int):
     return ctx.mark(out.reshape(out_shape))
 
 
-@register("max_pool", F.max_pool1d)
-def max_pool1d(ctx, func, args, kwargs):
-    return _max_pool(ctx, func, args, kwargs, 1, 6)
+# The pooled dimensions and the position of ``return_indices`` among each function's arguments.
+_MAX_POOLS = {
+    F.max_pool1d: (1, 6), F.max_pool2d: (2, 6), F.max_pool3d: (3, 6),
+    F.adaptive_max_pool1d: (1, 2), F.adaptive_max_pool2d: (2, 2), F.adaptive_max_pool3d: (3, 2),
+}
 
 
-@register("max_pool", F.max_pool2d)
-def max_pool2d(ctx, func, args, kwargs):
-    return _max_pool(ctx, func, args, kwargs, 2, 6)
-
-
-@register("max_pool", F.max_pool3d)
-def max_pool3d(ctx, func, args, kwargs):
-    return _max_pool(ctx, func, args, kwargs, 3, 6)
-
-
-@register("max_pool", F.adaptive_max_pool1d)
-def adaptive_max_pool1d(ctx, func, args, kwargs):
-    return _max_pool(ctx, func, args, kwargs, 1, 2)
-
-
-@register("max_pool", F.adaptive_max_pool2d)
-def adaptive_max_pool2d(ctx, func, args, kwargs):
-    return _max_pool(ctx, func, args, kwargs, 2, 2)
-
-
-@register("max_pool", F.adaptive_max_pool3d)
-def adaptive_max_pool3d(ctx, func, args, kwargs):
-    return _max_pool(ctx, func, args, kwargs, 3, 2)
+@register("max_pool", *_MAX_POOLS)
+def max_pool(ctx, func, args, kwargs):
+    return _max_pool(ctx, func, args, kwargs, *_MAX_POOLS[func])

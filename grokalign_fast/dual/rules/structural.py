@@ -271,32 +271,26 @@ def cat(ctx: Streams, func, args, kwargs):
 # ------------------------------------------------------------------ softmax and pointwise math
 
 
-@register("softmax", F.softmax, torch.softmax, method("softmax"))
+_LOG_SOFTMAX = (F.log_softmax, torch.log_softmax, method("log_softmax"))
+
+
+@register("softmax", F.softmax, torch.softmax, method("softmax"), *_LOG_SOFTMAX)
 def softmax(ctx: Streams, func, args, kwargs):
+    """Softmax ``p' = p * (t - sum(p * t))``; log-softmax ``t - sum(p * t)``."""
     z = arg(args, kwargs, 0, "input")
     dim = arg(args, kwargs, 1, "dim")
     if dim is None or int(dim) % z.dim() == 0:
-        raise _mixing("takes a softmax over the batch dimension")
+        raise _mixing(f"takes a {getattr(func, '__name__', 'softmax')} over the batch dimension")
     dtype = (kwargs or {}).get("dtype")
     dim = int(dim) - z.dim() if int(dim) >= 0 else int(dim)  # the tangent carries a leading stream dimension
     z_p, t, m = ctx.split(z if dtype is None else z.to(dtype))
+    if func in _LOG_SOFTMAX:
+        out_p = torch.log_softmax(z_p, dim)
+        pr = ctx.rows(out_p.exp(), m)
+        return ctx.join(out_p, t - (pr * t).sum(dim, keepdim=True))
     p = torch.softmax(z_p, dim)
     pr = ctx.rows(p, m)
     return ctx.join(p, pr * (t - (pr * t).sum(dim, keepdim=True)))
-
-
-@register("log_softmax", F.log_softmax, torch.log_softmax, method("log_softmax"))
-def log_softmax(ctx: Streams, func, args, kwargs):
-    z = arg(args, kwargs, 0, "input")
-    dim = arg(args, kwargs, 1, "dim")
-    if dim is None or int(dim) % z.dim() == 0:
-        raise _mixing("takes a log-softmax over the batch dimension")
-    dtype = (kwargs or {}).get("dtype")
-    dim = int(dim) - z.dim() if int(dim) >= 0 else int(dim)
-    z_p, t, m = ctx.split(z if dtype is None else z.to(dtype))
-    out_p = torch.log_softmax(z_p, dim)
-    pr = ctx.rows(out_p.exp(), m)
-    return ctx.join(out_p, t - (pr * t).sum(dim, keepdim=True))
 
 
 _POINTWISE = [
