@@ -129,3 +129,54 @@ class ResNet18(nn.Module):
         out = self.layers(out)
         out = torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
+
+
+class GPTBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``, with causal
+    self-attention through ``F.scaled_dot_product_attention`` and a GELU MLP of width ``4 d``."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} must be divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.out = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(B, T, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        o = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        x = x + self.proj(o.transpose(1, 2).reshape(B, T, d))
+        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A GPT-style causal language model: token and learned positional embeddings, ``layers``
+    :class:`GPTBlock`, a final LayerNorm and an unembedding to ``vocab`` logits per position.
+    ``tokens [B, T] (T <= context) -> logits [B, T, vocab]``. The Jacobian of GrokAlign is taken at
+    the token embedding's output (:mod:`grokalign_fast.dual.embedding`)."""
+
+    def __init__(self, vocab: int, *, d_model: int = 256, layers: int = 4, heads: int = 4, context: int = 256,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(GPTBlock(d_model, heads, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(d_model)
+        self.unembed = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        if T > self.pos.num_embeddings:
+            raise ValueError(f"tokens has {T} positions, more than the model's context {self.pos.num_embeddings}")
+        x = self.tok(tokens) + self.pos(torch.arange(T, device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(self.ln(x))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grokalign_fast import GrokAlign
+from grokalign_fast.models import GPT
 
 from utils import F64, exact_sq_norms, grokalign_step, max_rel_err
 
@@ -118,3 +119,25 @@ def test_batch_first_false_attention_is_refused_on_the_engine_with_the_reason():
     model = SeqFirst().double()
     with pytest.raises(ValueError, match=r"batch_first=True"):
         GrokAlign(model, 1.0, estimator="forward", backend="dual")(torch.randn(2, T, E, dtype=DT))
+
+
+@pytest.mark.parametrize("subsample", [None, 0.5], ids=["all", "sub0.5"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gpt_on_the_engine_equals_the_reference(train, subsample):
+    """The GPT-style causal LM of grokalign_fast.models on tokens: output, penalty and every parameter
+    gradient of the engine equal the reference's on the same probes (Jacobian at the token embedding)."""
+    torch.manual_seed(0)
+    model = GPT(13, d_model=16, layers=2, heads=2, context=9).double().train(train)
+    x = torch.randint(0, 13, (4, 9), generator=torch.Generator().manual_seed(2))
+    kw = dict(estimator="forward", num_probes=2, subsample=subsample)
+    reg_d, out_d, pen_d, g_d = grokalign_step(copy.deepcopy(model), x, 0.7, backend="dual",
+                                              generator=torch.Generator().manual_seed(3), **kw)
+    reg_r, out_r, pen_r, g_r = grokalign_step(copy.deepcopy(model), x, 0.7, backend="reference",
+                                              generator=torch.Generator().manual_seed(3), **kw)
+    assert (reg_d.last_backend, reg_r.last_backend) == ("dual", "reference")
+    assert reg_d.last_plan.counts.get("attention") == 2
+    torch.testing.assert_close(out_d, out_r, **F64)
+    torch.testing.assert_close(pen_d, pen_r, **F64)
+    assert len(g_d) == len(g_r) == len(list(model.parameters()))
+    for a, b in zip(g_d, g_r):
+        torch.testing.assert_close(a, b, **F64)
