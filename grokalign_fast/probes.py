@@ -58,25 +58,28 @@ def rademacher_reference(total: int, dtype: torch.dtype, device: torch.device,
     return signs.reshape(-1)[:total]
 
 
-_RADEMACHER_OP = []
+def _load_rademacher_op():
+    """``torch.ops.grokalign.rademacher_`` if the extension provides it (its fake registered, for
+    FakeTensor / torch.compile tracing), else None. Run once, at import."""
+    from ._backends import extension_ops_reason
+
+    if extension_ops_reason(("rademacher_",)) is not None:
+        return None
+
+    # It writes into out and returns nothing: the fake only checks the argument.
+    @torch.library.register_fake("grokalign::rademacher_")
+    def _rademacher_fake(out, generator=None):
+        torch._check(out.dtype.is_floating_point, lambda: f"rademacher_: out must be floating point, got {out.dtype}")
+
+    return torch.ops.grokalign.rademacher_.default
+
+
+_RADEMACHER_OP = _load_rademacher_op()
 
 
 def _rademacher_op():
-    """``torch.ops.grokalign.rademacher_`` if the extension provides it, else None (looked up once)."""
-    if not _RADEMACHER_OP:
-        from ._backends import extension_ops_reason
-
-        ok = extension_ops_reason(("rademacher_",)) is None
-        if ok:
-            # It writes into out and returns nothing: the fake (for FakeTensor / torch.compile
-            # tracing) only checks the argument.
-            @torch.library.register_fake("grokalign::rademacher_")
-            def _rademacher_fake(out, generator=None):
-                torch._check(out.dtype.is_floating_point,
-                             lambda: f"rademacher_: out must be floating point, got {out.dtype}")
-
-        _RADEMACHER_OP.append(torch.ops.grokalign.rademacher_.default if ok else None)
-    return _RADEMACHER_OP[0]
+    """``torch.ops.grokalign.rademacher_`` or None (see :func:`_load_rademacher_op`)."""
+    return _RADEMACHER_OP
 
 
 def resolve_probes(probes: str, estimator: str) -> str:

@@ -82,7 +82,12 @@ class GrokAlign(nn.Module):
             read: the penalties are summed on the device (a non-finite one makes the sum non-finite)
             and the sum is read at the first computed penalty and then every ``check_every``-th
             one. The error names the steps between two checks; ``check_every=1`` stops at the
-            step itself and names its samples.
+            step itself and names its samples. Inside ``torch.compile`` the check is a device-side
+            assert on every penalty (``torch._assert_async``: no host read, no graph break).
+
+    Under ``torch.compile``: ``every`` must be 1 (its Python step counter would be a guard, a
+    recompile per step), and probes drawn from an explicit ``generator`` break the graph (dynamo
+    does not trace a user's generator): leave ``generator=None`` to draw from the global RNG.
 
     Attributes after a call: ``last_norm`` (detached mean per-sample norm, or squared norm with
     ``squared=True``, of the last computed penalty; None if no penalty was computed), ``last_offset``
@@ -202,12 +207,21 @@ class GrokAlign(nn.Module):
             self.last_norm = self.last_offset = None
             out = self.model(x)
             return out, out.new_zeros(())
-        step = self.step
-        self.step = step + 1
-        if step % self.every != 0:
-            self.last_norm = self.last_offset = None
-            out = self.model(x)
-            return out, out.new_zeros(())
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            # Inside a compiled graph a Python counter would be a guard (a recompile per step):
+            # the schedule's counter stays, so ``every`` must be 1.
+            if self.every != 1:
+                raise ValueError(f"every={self.every} schedules the penalty by a Python step counter, which "
+                                 "torch.compile would recompile for at every step: use every=1 under torch.compile")
+            step = self.step
+        else:
+            step = self.step
+            self.step = step + 1
+            if step % self.every != 0:
+                self.last_norm = self.last_offset = None
+                out = self.model(x)
+                return out, out.new_zeros(())
         _check_input(x)
         plan = self.planner(x).plan(x)
         self.last_plan = plan
@@ -232,7 +246,13 @@ class GrokAlign(nn.Module):
         else:
             self.last_offset = None
         if self.check_finite_values:
-            self._check_finite(penalty, values, step)
+            if compiling:
+                # No host read inside a compiled graph: a device-side assert (asynchronous on CUDA).
+                torch._assert_async(torch.isfinite(penalty.detach()),
+                                    "GrokAlign: the penalty is not finite (rerun eagerly with check_every=1 to name "
+                                    "the samples)")
+            else:
+                self._check_finite(penalty, values, step)
         self.last_norm = level
         return out, penalty
 

@@ -292,6 +292,10 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
 
     counts: Dict[str, int] = {}
 
+    # The engine recognises its dual values by identity and patches modules while it runs: dynamo
+    # does not trace that faithfully (it lost bias gradients in a test), so under torch.compile the
+    # engine runs eagerly, a graph break on each side of it.
+    @torch.compiler.disable
     def run(x, index=None, scale=1.0):
         res = engine.run(model, x, draw(rows(x, index)), index, warned=warned, jx=offset)
         out, est, calls = res[:3]
