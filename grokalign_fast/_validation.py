@@ -74,7 +74,9 @@ def check_finite(values: torch.Tensor, what: str) -> None:
 
 
 def check_generator(generator, name: str = "generator") -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
+    from ._shard import RowShard
+
+    if generator is not None and not isinstance(generator, (torch.Generator, RowShard)):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ._shard import RowShard
 from ._validation import check_choice, check_generator, check_num_probes
 
 PROBES = ("sphere", "gaussian", "rademacher", "orthogonal")
@@ -148,7 +149,12 @@ def drawer(
 ) -> Callable[[int], torch.Tensor]:
     """``draw(batch)``: :func:`draw_checked` with everything but the batch size fixed, for a
     caller that draws the same kind of probes every step (``GrokAlign`` keeps one per path).
-    Each call draws fresh probes from ``generator``: the same values as :func:`draw_checked`."""
+    Each call draws fresh probes from ``generator``: the same values as :func:`draw_checked`.
+    A :class:`~grokalign_fast._shard.RowShard` generator draws its whole batch and keeps its rows."""
+    if isinstance(generator, RowShard):
+        shard = generator
+        inner = drawer(kind, num_probes, shape, n, dtype=dtype, device=device, generator=shard.generator)
+        return lambda batch: shard.take(inner, batch, device)
     gen_device = generator.device if generator is not None else device
     # Draw in at least float32 (and float64 for float64 targets) so low-precision
     # targets get correctly normalised probes.

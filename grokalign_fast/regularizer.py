@@ -21,11 +21,12 @@ StyleGAN2's path-length penalty), so its expectation per step is unchanged.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
+from ._shard import RowShard
 from ._validation import check_batch_input, check_choice, check_finite, check_generator, check_nonnegative_number, \
     check_num_probes
 from .dual import plan as planning
@@ -85,6 +86,17 @@ class GrokAlign(nn.Module):
             step itself and names its samples. Inside ``torch.compile`` the check is a device-side
             assert on every penalty (``torch._assert_async``: no host read, no graph break).
 
+        distributed: data-parallel training (DDP, FSDP) where each process holds an equal share of
+            the batch. ``None`` (default): on when ``torch.distributed`` is initialised with more than
+            one process. Every process then draws the probes (and the ``subsample`` rows) of the
+            whole batch from the same ``generator`` state (the same seed on every process) and keeps
+            its own rows, and weights its penalty so that the processes' average (the gradient
+            averaging of DDP and FSDP) is the whole batch's penalty: the gradients equal
+            single-process training on the whole batch, whatever the number of processes. With
+            ``subsample`` a process can hold no penalty rows in a step (its penalty is 0 then), and
+            finding its rows reads their count on the host. ``target`` and ``last_norm`` are per
+            process.
+
     Under ``torch.compile``: ``every`` must be 1 (its Python step counter would be a guard, a
     recompile per step), and probes drawn from an explicit ``generator`` break the graph (dynamo
     does not trace a user's generator): leave ``generator=None`` to draw from the global RNG.
@@ -113,6 +125,7 @@ class GrokAlign(nn.Module):
         generator: Optional[torch.Generator] = None,
         check_finite_values: bool = True,
         check_every: int = 100,
+        distributed: Optional[bool] = None,
     ):
         super().__init__()
         if not callable(model):
@@ -143,6 +156,10 @@ class GrokAlign(nn.Module):
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
         self.check_every = check_every
+        if distributed is not None and not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be None (auto), True or False, got {distributed!r}")
+        self.distributed = distributed
+        self._shard = RowShard(generator)
         self._unchecked: Optional[torch.Tensor] = None  # the penalties summed since the last check
         self._unchecked_count = 0
         self._unchecked_since = 0
@@ -182,17 +199,45 @@ class GrokAlign(nn.Module):
         idx = torch.randperm(batch, generator=self.generator, device=gen_device)[:m]
         return idx if gen_device == device else idx.to(device)
 
+    def _world(self) -> Optional[Tuple[int, int]]:
+        """``(rank, world size)`` when the penalty is distributed (see ``distributed``), else None."""
+        if self.distributed is False:
+            return None
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.get_rank(), dist.get_world_size()
+        if self.distributed:
+            raise RuntimeError("distributed=True needs torch.distributed initialised with more than one process")
+        return None
+
+    def _shard_rows(self, batch: int, device: torch.device, rank: int, world: int):
+        """This process's penalty rows ``(index or None, rows of the whole batch's penalty)``, with the
+        probes' row shard set: the whole batch is ``world * batch`` rows, this process's are
+        ``[rank * batch, (rank + 1) * batch)``."""
+        total = world * batch
+        self._shard.generator = self.generator
+        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        if self.subsample is None or self.subsample >= 1.0:
+            self._shard.set(total, torch.arange(rank * batch, (rank + 1) * batch, device=gen_device))
+            return None, total
+        m = max(1, int(round(self.subsample * total)))
+        chosen = torch.randperm(total, generator=self.generator, device=gen_device)[:m]
+        mine = ((chosen >= rank * batch) & (chosen < (rank + 1) * batch)).nonzero()[:, 0]
+        self._shard.set(m, mine)
+        return (chosen[mine] - rank * batch).to(device), m
+
     def planner(self, x: torch.Tensor) -> planning.Planner:
         """The planner for the current settings (a new one when a setting changed since the last call)."""
         if self.estimator == "auto":
             self.estimator = planning.auto_estimator(self.model, x)
-        settings = (self.estimator, self.backend, self.num_probes, self.probes, self.squared, id(self.generator),
+        generator = self.generator if self._world() is None else self._shard
+        settings = (self.estimator, self.backend, self.num_probes, self.probes, self.squared, id(generator),
                     self.offset > 0)
         planner = self._planner
         if planner is None or planner.settings != settings:
             planner = planning.Planner(self.model, estimator=self.estimator, backend=self.backend,
                                        num_probes=self.num_probes, probes=self.probes, squared=self.squared,
-                                       generator=self.generator, offset=self.offset > 0)
+                                       generator=generator, offset=self.offset > 0)
             self._planner = planner
         return planner
 
@@ -225,22 +270,34 @@ class GrokAlign(nn.Module):
         _check_input(x)
         plan = self.planner(x).plan(x)
         self.last_plan = plan
-        idx = self._subsample_index(x.shape[0], x.device)
-        rows = x.shape[0] if idx is None else idx.shape[0]
         factor = self.weight * self.every
+        world = self._world()
+        if world is None:
+            idx = self._subsample_index(x.shape[0], x.device)
+            rows = x.shape[0] if idx is None else idx.shape[0]
+        else:
+            idx, rows = self._shard_rows(x.shape[0], x.device, *world)
+            if idx is not None and idx.numel() == 0:  # none of the penalty's rows are this process's
+                self.last_norm = self.last_offset = None
+                out = self.model(x)
+                return out, out.new_zeros(())
+        # Distributed: each process's share of the whole batch's penalty, times the number of
+        # processes, so that the gradient averaging over the processes gives the whole batch's.
+        share = 1 if world is None else world[1]
         if self.target is None:
-            # values[r] = factor / R * norm[r]: the penalty is their sum (the fused ops apply the
-            # factor in their epilogue and backward seed).
-            out, values, offset = plan.run(x, idx, factor / rows)
+            # values[r] = scale * norm[r]: the penalty is their sum (the fused ops apply the scale in
+            # their epilogue and backward seed).
+            scale = factor * share / rows
+            out, values, offset = plan.run(x, idx, scale)
             penalty = values.sum()
-            level = penalty.detach() / factor
+            level = penalty.detach() / (scale * values.shape[0])
         else:
             out, values, offset = plan.run(x, idx, 1.0)
             level = values.mean()
             penalty = factor * (level - self.target).abs()
             level = level.detach()
         if offset is not None:
-            mean_offset = offset.mean()
+            mean_offset = offset.mean() if world is None else offset.sum() * (share / rows)
             penalty = penalty + (self.offset * self.every) * mean_offset
             self.last_offset = mean_offset.detach()
         else:

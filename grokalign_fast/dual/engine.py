@@ -37,6 +37,9 @@ _METADATA_METHODS = frozenset(
         "size", "dim", "numel", "__len__", "stride", "is_floating_point", "is_contiguous", "element_size",
         "data_ptr", "storage_offset", "ndimension", "nelement", "get_device", "is_complex", "__format__",
         "__repr__", "__hash__", "untyped_storage", "is_signed", "__bool__",
+        # Autograd hooks (FSDP's pre-backward unshard among them) go on the stacked value: its
+        # gradient is the one the backward reaches.
+        "register_hook", "register_post_accumulate_grad_hook", "retain_grad",
     ) if hasattr(torch.Tensor, n)
 )
 _WARNED: Set[str] = set()

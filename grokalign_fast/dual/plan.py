@@ -182,6 +182,17 @@ def _chain_reasons(model, x: torch.Tensor, estimator: str) -> Tuple[Optional[lis
     return steps, {"cpp": why, "triton": why, "dual": why}
 
 
+def sharded_parameters(model) -> bool:
+    """True when a parameter of ``model`` is a DTensor (sharded by FSDP2's ``fully_shard``)."""
+    if not isinstance(model, nn.Module):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without torch.distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def _homogeneous_chain(steps) -> bool:
     """A bias-free MLP chain of piecewise-linear activations: positively homogeneous, f(x) = J(x) x."""
     return steps is not None and all(
@@ -203,9 +214,23 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
         if estimator != "forward":
             reasons["dual"] = reasons["dual"] or why
     reasons["reference"] = None
+    if sharded_parameters(model):
+        why = ("the model's parameters are sharded by FSDP (DTensor): only the dual-stream engine, which calls the "
+               "model's own forward (where FSDP gathers them), serves it")
+        for name in ("cpp", "triton"):
+            reasons[name] = reasons[name] or why
+        reasons["reference"] = ("the reference estimators differentiate twice, and FSDP reshards the parameters after "
+                                "the first backward; use estimator='forward' (the dual-stream engine: one forward, one "
+                                "backward)")
+        if estimator != "forward":
+            reasons["dual"] = reasons["reference"]
     if backend == "auto":
-        chosen = next(name for name in ORDER if reasons[name] is None
-                      and not (name == "triton" and _backends.triton_interpreted()))
+        chosen = next((name for name in ORDER if reasons[name] is None
+                       and not (name == "triton" and _backends.triton_interpreted())), None)
+        if chosen is None:
+            raise _backends.BackendUnavailableError(
+                f"no backend can compute the {estimator!r} estimator for this model: "
+                + "; ".join(f"{name}: {reasons[name]}" for name in ORDER))
     else:
         if reasons[backend] is not None:
             raise _backends.BackendUnavailableError(
