@@ -60,7 +60,15 @@ def whole_mlp_runner(op_name: str, steps: List[Step]):
             scale: float = 1.0):
         h = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
         v = probes if probes.dim() == 3 else probes.reshape(probes.shape[0], probes.shape[1], -1)
-        y, est, _ = op(h, v, index, *args, root, scale)
+        layer_args = args
+        if torch.is_autocast_enabled(h.device.type):
+            # Under autocast the op runs in its dtype, as autocast runs nn.Linear: the inputs and the
+            # layers cast (the casts are differentiable, so the parameters' gradients stay in theirs).
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, v = h.to(dt), v.to(dt)
+            weights, biases = args[0], args[1]
+            layer_args = ([w.to(dt) for w in weights], [b.to(dt) for b in biases]) + tuple(args[2:])
+        y, est, _ = op(h, v, index, *layer_args, root, scale)
         return y, est
 
     return run
