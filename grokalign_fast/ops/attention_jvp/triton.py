@@ -42,9 +42,12 @@ and ``_attn_jvp_bwd_q_kernel`` (one program per query block, looping over key bl
 
     g_q  = c g_s k + c sum_probes g_st k_t                  g_qt = c g_st k
 
-so no atomics are needed. Everything is linear in the per-probe terms, so probe chunks add: chunk 0
-alone reads ``g_o`` and ``D`` (the other chunks load them as zeros), each chunk writes its partial
-``g_q, g_k, g_v`` and torch sums them (a plain store when there is a single chunk).
+so no atomics are needed. Saved for backward (only when an input requires a gradient under grad
+mode): the six inputs, ``o``, ``o_t``, ``lse`` and ``mu``. A gradient that does not reach the
+backward (one output unused) is read as an expanded zero (no memory; the kernels still do its work).
+Everything is linear in the per-probe terms, so probe chunks add: chunk 0 alone reads ``g_o`` and
+``D`` (the other chunks load them as zeros), each chunk writes its partial ``g_q, g_k, g_v`` and
+torch sums them (a plain store when there is a single chunk).
 
 Precision: scores, statistics and accumulators are float32 for float16/bfloat16/float32 inputs and
 float64 for float64; low-precision tiles enter ``tl.dot`` in the input dtype (probabilities cast to
@@ -221,8 +224,8 @@ def _bwd_tile(q, qt, kT, ktT, vT, vtT, go, gt, lse, delta, mu, r, rm, rn, S,
               SCALE: tl.constexpr, CAUSAL: tl.constexpr, ACC_FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
               PC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
     """``(p, s_t, g_st, g_s)`` of one (query block, key block) tile (module doc, reference.py's
-    backward): p [BM, BN], the others [PC, BM, BN] but g_s [BM, BN]. ``go``, ``delta`` are zero in
-    probe chunks > 0, so that summing the chunks' g_s counts the primal terms once."""
+    backward): p and g_s [BM, BN], s_t and g_st [PC, BM, BN]. ``go``, ``delta`` are zero in probe
+    chunks > 0, so that summing the chunks' g_s counts the primal terms once."""
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
