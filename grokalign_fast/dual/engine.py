@@ -222,6 +222,8 @@ def run(
     y, t, m = ctx.split(out)
     if m != 1:
         raise SampleMixingError(f"the model's output has {out.shape[0]} rows for a batch of {B}")
+    if t.dtype in (torch.float16, torch.bfloat16):  # (autocast) the sum of squares accumulates in float32
+        t = t.float()
     if jx:
         streams = t.reshape((K, R) + tuple(y.shape[1:]))
         sq = streams[:-1].reshape(K - 1, R, -1).pow(2).sum(dim=(0, 2)) / (K - 1)

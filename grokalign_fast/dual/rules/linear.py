@@ -44,7 +44,13 @@ def _conv(ctx: Streams, func, args, kwargs, dims: int):
     padding = args[4] if len(args) > 4 else 0
     if (x.device.type == "cpu" and x.shape[0] > block and func in _CONV_DIMS and not kwargs
             and not isinstance(padding, str)):
-        out = _BlockConv.apply(x, weight, block, func, tuple(args[3:]))
+        if torch.is_autocast_enabled("cpu"):
+            # Autocast would cast inside the forward only; the backward needs the same dtypes.
+            dt = torch.get_autocast_dtype("cpu")
+            with torch.autocast("cpu", enabled=False):
+                out = _BlockConv.apply(x.to(dt), weight.to(dt), block, func, tuple(args[3:]))
+        else:
+            out = _BlockConv.apply(x, weight, block, func, tuple(args[3:]))
     else:
         out = func(*args, **kwargs)
     return _add_bias_to_primal(ctx, out, bias, (-1,) + (1,) * dims)
