@@ -88,9 +88,8 @@ class Body(nn.Module):
         k = (x @ self.W_K).reshape(B, T, self.h, self.dh).transpose(1, 2)
         v = (x @ self.W_V).reshape(B, T, self.h, self.dh).transpose(1, 2)
         # Only the last position is read out, so only its query is needed (causal: it sees all T).
-        scores = q[:, :, -1:] @ k.transpose(-1, -2) / math.sqrt(self.dh)  # [B, h, 1, T]
-        attn = torch.softmax(scores, dim=-1)
-        o = (attn @ v).transpose(1, 2).reshape(B, d)  # [B, d]
+        o = F.scaled_dot_product_attention(q[:, :, -1:], k, v)  # [B, h, 1, dh]
+        o = o.transpose(1, 2).reshape(B, d)  # [B, d]
         x_last = x[:, -1] + o @ self.W_O
         x_last = x_last + torch.relu(x_last @ self.W_in) @ self.W_out
         return x_last @ self.W_U

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.attention_jvp import attention_jvp
 from . import register
 from ._args import arg
 from ..streams import SampleMixingError, Streams
@@ -52,11 +53,44 @@ def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
     return torch.matmul(weights, v)
 
 
+def _fused(ctx: Streams, q, k, v, is_causal, scale):
+    """Attention and its tangents as one :func:`~grokalign_fast.ops.attention_jvp.attention_jvp`
+    call: the K tangent streams share the primal's softmax statistics, and no ``[T, S]`` matrix is
+    kept. With a subsample the primal rows run plain SDPA and the op runs on the rows that carry
+    tangents. None where the layout does not fit (then the explicit formula's rules serve)."""
+    if not (ctx.is_dual(q) and ctx.is_dual(k) and ctx.is_dual(v)) or q.dim() not in (3, 4):
+        return None
+    if not (q.dim() == k.dim() == v.dim()) or q.shape[-1] != k.shape[-1] or k.shape[:-1] != v.shape[:-1]:
+        return None
+    if not (ctx.block(q) == ctx.block(k) == ctx.block(v) == 1):
+        return None
+    heads = q.dim() == 4
+    (q_p, q_t, _), (k_p, k_t, _), (v_p, v_t, _) = ctx.split(q), ctx.split(k), ctx.split(v)
+    if not heads:  # [N, T, d]: one head
+        q_p, k_p, v_p = q_p.unsqueeze(1), k_p.unsqueeze(1), v_p.unsqueeze(1)
+        q_t, k_t, v_t = q_t.unsqueeze(2), k_t.unsqueeze(2), v_t.unsqueeze(2)
+    backend = "auto" if ctx.kernels else "reference"
+    if ctx.index is None:
+        o, o_t = attention_jvp(q_p, k_p, v_p, q_t, k_t, v_t, causal=is_causal, scale=scale, backend=backend)
+    else:
+        o = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=is_causal, scale=scale)
+        _, o_t = attention_jvp(ctx.rows(q_p), ctx.rows(k_p), ctx.rows(v_p), q_t, k_t, v_t, causal=is_causal,
+                               scale=scale, backend=backend)
+    if not heads:
+        o, o_t = o.squeeze(1), o_t.squeeze(2)
+    return ctx.join(o, o_t)
+
+
 @register("attention", F.scaled_dot_product_attention)
 def scaled_dot_product_attention(ctx: Streams, func, args, kwargs):
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     defaults = (None, None, None, None, 0.0, False, None, False)
     values = [arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = values
+    if attn_mask is None and dropout_p == 0.0 and not enable_gqa:
+        out = _fused(ctx, q, k, v, bool(is_causal), scale)
+        if out is not None:
+            return out
     with ctx.mode:
         return explicit_attention(*values)
 
@@ -113,7 +147,7 @@ def multihead_attention(self: nn.MultiheadAttention, query, key, value, key_padd
         if attn_mask.dim() != 2:
             raise NotImplementedError("the dual-stream engine takes a 2-D attn_mask [T, S] for nn.MultiheadAttention")
         mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask  # MHA's True hides; SDPA's True keeps
-    out = explicit_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
     out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], E)
     return F.linear(out, self.out_proj.weight, self.out_proj.bias), None
 
