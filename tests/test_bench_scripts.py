@@ -42,3 +42,9 @@ def test_interleaved_conv_runs():
     out = _run("bench/interleaved_conv.py", "--rounds", "1", "--width", "2", "--providers", "dual,func_jvp")
     for row in ("| cnn6-w2-b128 | dual |", "| resnet18-w2-b64 | func_jvp |"):
         assert row in out
+
+
+def test_interleaved_attention_runs():
+    out = _run("bench/interleaved_attention.py", "--rounds", "1", "--seqs", "16", "--probes", "1,2", "--small")
+    assert "| 16 | 2 | reference |" in out and "| 16 | 2 | func_jvp |" in out
+    assert "| ours_sub0.25 |" in out and "gpt step" in out and "modadd step" in out
