@@ -48,3 +48,8 @@ def test_interleaved_attention_runs():
     out = _run("bench/interleaved_attention.py", "--rounds", "1", "--seqs", "16", "--probes", "1,2", "--small")
     assert "| 16 | 2 | reference |" in out and "| 16 | 2 | func_jvp |" in out
     assert "| ours_sub0.25 |" in out and "gpt step" in out and "modadd step" in out
+
+
+def test_long_run_memory_runs():
+    out = _run("bench/long_run_memory.py", "--steps", "40", "--every", "20", "--warmup", "20")
+    assert "| 40 |" in out and "Largest change after step 20" in out
