@@ -53,3 +53,15 @@ def test_interleaved_attention_runs():
 def test_long_run_memory_runs():
     out = _run("bench/long_run_memory.py", "--steps", "40", "--every", "20", "--warmup", "20")
     assert "| 40 |" in out and "Largest change after step 20" in out
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    assert "passed" in text and "| cpp | float32 | relu |" in text
+    assert text.count("| gpt |") == 2  # float32 and bfloat16 steps
