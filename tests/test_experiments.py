@@ -358,3 +358,18 @@ def test_cnn_robustness_uses_cifar_batches_when_present(tmp_path):
                        "--out", str(tmp_path / "out")])
     assert result["data"] == "cifar10"
     _check_outputs(tmp_path / "out" / "cnn-robustness")
+
+
+def test_grok_digits_offset_method_trains_a_biased_model_with_the_offset_term():
+    cfg = _digits_cfg(max_steps=8, eval_every=4, ga_every=1)
+    kw = grok_digits.grokalign_kwargs(cfg, "grokalign-offset")
+    assert kw["offset"] == cfg.ga_weight > 0 and kw["estimator"] == "forward"
+    r = grok_digits.run_one(cfg, "grokalign-offset", 0)
+    assert r["steps_run"] == 8
+    # The same steps by hand: a biased MLP, where the offset f(x) - J x is not 0.
+    split = grok_digits.load_split(cfg)
+    common.seed_everything(0)
+    model = models.mlp((64, 200, 200, 10), init_scale=cfg.init_scale, bias=True)
+    reg = GrokAlign(model, generator=torch.Generator().manual_seed(10_000), **kw)
+    reg(split.x_train[: cfg.batch])
+    assert reg.last_offset is not None and reg.last_offset > 0

@@ -23,7 +23,10 @@ baseline); ``grokfast`` (EMA alpha 0.8, lambda 0.1); ``noise`` ("adversarial"
 training, Gaussian input noise sigma = max(0.06 (1 - train acc), 0.03), with the
 training accuracy of the last evaluation); ``grokalign+grokfast``; and, opt-in, ``orthograd``
 (AdamW wrapped in :class:`grokalign_fast.optim.OrthoGrad`: each gradient without its component
-along its weight).
+along its weight) and ``grokalign-offset`` (the authors' newer penalty, ``offset=`` the GrokAlign
+weight, forward estimator: ``J x`` rides the dual stream). The digits model has no biases and ReLU
+activations, so ``f(x) = J x`` and the offset is 0; ``grokalign-offset`` therefore trains the same
+MLP with biases, where it is not.
 
 Seeds: ``--seeds`` (default 5); ``--method-seeds`` lowers it for some methods. The
 default (``DEMO_METHOD_SEEDS``: baseline 3, grokfast 2, noise 3, grokalign+grokfast 3,
@@ -54,7 +57,7 @@ NAME = "grok-digits"
 HELP = "Omnigrok grokking on the digits: baseline vs GrokAlign, Grokfast, noise, GrokAlign+Grokfast (the main job)"
 
 DEFAULT_METHODS = ("baseline", "grokalign", "grokfast", "noise", "grokalign+grokfast")
-ALL_METHODS = DEFAULT_METHODS + ("grokalign-paper", "orthograd")
+ALL_METHODS = DEFAULT_METHODS + ("grokalign-paper", "orthograd", "grokalign-offset")
 # Methods measured to need the baseline's ~40k steps on the digits (run first, for packing).
 SLOW_METHODS = ("baseline", "grokfast", "grokalign-paper")
 # Seeds per method in the default run (`make demo`), so that it fits 10 minutes on 2 cores:
@@ -118,9 +121,12 @@ def grokalign_kwargs(cfg: Config, method: str) -> Optional[Dict]:
         return dict(weight=PAPER_LAMBDA[cfg.loss], squared=False, every=1, estimator="reverse", num_probes=1,
                     backend=cfg.ga_backend)
     if method.startswith("grokalign"):
-        return dict(weight=cfg.ga_weight, squared=cfg.ga_squared, every=cfg.ga_every,
-                    estimator=cfg.ga_estimator, num_probes=cfg.ga_probes, backend=cfg.ga_backend,
-                    subsample=cfg.ga_subsample)
+        kw = dict(weight=cfg.ga_weight, squared=cfg.ga_squared, every=cfg.ga_every,
+                  estimator=cfg.ga_estimator, num_probes=cfg.ga_probes, backend=cfg.ga_backend,
+                  subsample=cfg.ga_subsample)
+        if method == "grokalign-offset":
+            kw.update(offset=cfg.ga_weight, estimator="forward")
+        return kw
     return None
 
 
@@ -138,7 +144,8 @@ def run_one(cfg: Config, method: str, seed: int, *, split: Optional[data.Split] 
     threshold = threshold_for(cfg, split)
 
     gen = common.seed_everything(seed)
-    model = models.mlp((xtr.shape[1],) + tuple(cfg.hidden) + (C,), init_scale=cfg.init_scale, dtype=dtype)
+    model = models.mlp((xtr.shape[1],) + tuple(cfg.hidden) + (C,), init_scale=cfg.init_scale, dtype=dtype,
+                       bias=method == "grokalign-offset")
     if method == "orthograd":
         opt = OrthoGrad(model.parameters(), torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     else:
