@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "inhibit": "inhibit",
     "modadd": "modadd",
     "sparse-parity": "sparse_parity",
+    "quadratic-modadd": "quadratic_modadd",
 }
 
 

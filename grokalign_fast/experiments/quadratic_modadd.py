@@ -1,0 +1,146 @@
+"""quadratic-modadd: modular addition with a one-hidden-layer quadratic network (Gromov 2023), one of
+the authors' newer benchmarks.
+
+Data: every pair ``(a, b)`` of ``Z_p``; input the one-hot codes of ``a`` and ``b`` side by side
+(``2p``), label ``(a + b) mod p``; a random split (``train_frac`` of the pairs for training, fixed by
+``split_seed``). Model: ``W2 (W1 x)^2`` (no biases), width ``width``; MSE against the one-hot label;
+full batch; AdamW. "Grokked" = train accuracy > 99% and test accuracy > 90%, checked every
+``eval_every`` steps.
+
+Methods: ``baseline`` (weight decay only); ``grokalign`` (``GrokAlign(model, lam)``: one
+output-space probe); ``grokalign-offset`` (``offset=lam``, forward estimator: for this network,
+homogeneous of degree 2, ``f(x) = J x / 2``, so the offset ``f - J x = -f`` and the offset term
+penalises the output's norm); ``grokfast`` (EMA alpha 0.8, lambda 0.1); ``orthograd`` (AdamW in
+:class:`grokalign_fast.optim.OrthoGrad`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import common, plotting, summary, train
+from ..optim import OrthoGrad
+from ..regularizer import GrokAlign
+
+NAME = "quadratic-modadd"
+HELP = "modular addition with a quadratic one-hidden-layer network: GrokAlign, its offset form, Grokfast, OrthoGrad"
+METHODS = ("baseline", "grokalign", "grokalign-offset", "grokfast", "orthograd")
+
+
+@dataclass
+class Config:
+    p: int = 97
+    width: int = 512
+    train_frac: float = 0.5
+    split_seed: int = 0
+    lr: float = 5e-3
+    weight_decay: float = 1.0
+    lam: float = 1e-3
+    max_steps: int = 5000
+    eval_every: int = 25
+    train_level: float = 0.99
+    test_level: float = 0.90
+
+
+QUICK = dict(p=11, width=32, max_steps=40, eval_every=10)
+
+
+class QuadraticNet(nn.Module):
+    """``x -> W2 (W1 x)^2``: one hidden layer with the square activation, no biases."""
+
+    def __init__(self, inputs: int, width: int, outputs: int):
+        super().__init__()
+        self.hidden = nn.Linear(inputs, width, bias=False)
+        self.out = nn.Linear(width, outputs, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(x).square())
+
+
+def pairs(cfg: Config):
+    """``(x_train, y_train, x_test, y_test)``: one-hot pairs ``[N, 2p]`` and labels ``(a + b) mod p``."""
+    p = cfg.p
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    x = torch.cat([F.one_hot(a, p), F.one_hot(b, p)], dim=1).float()
+    y = (a + b) % p
+    perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(cfg.split_seed))
+    n = int(round(cfg.train_frac * p * p))
+    return x[perm[:n]], y[perm[:n]], x[perm[n:]], y[perm[n:]]
+
+
+def run_one(cfg: Config, method: str, seed: int) -> Dict:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    xtr, ytr, xte, yte = pairs(cfg)
+    common.seed_everything(seed)
+    model = QuadraticNet(2 * cfg.p, cfg.width, cfg.p)
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = OrthoGrad(model.parameters(), torch.optim.AdamW, **kw) if method == "orthograd" else \
+        torch.optim.AdamW(model.parameters(), **kw)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    reg = {
+        "grokalign": lambda: GrokAlign(model, cfg.lam, generator=gen),
+        "grokalign-offset": lambda: GrokAlign(model, cfg.lam, offset=cfg.lam, estimator="forward", generator=gen),
+    }.get(method, lambda: None)()
+    gf = common.Grokfast(model, 0.8, 0.1) if method == "grokfast" else None
+
+    def loss(out, y):
+        return F.mse_loss(out, F.one_hot(y, cfg.p).to(out.dtype))
+
+    def evaluate(run: train.Run) -> Dict:
+        return dict(train_acc=common.accuracy(model, xtr, ytr), test_acc=common.accuracy(model, xte, yte),
+                    seconds=run.seconds, cpu_seconds=run.cpu_seconds)
+
+    run = train.train(model, opt, xtr, ytr, loss, steps=cfg.max_steps, eval_every=cfg.eval_every,
+                      evaluate=evaluate, regularizer=reg, grokfast=gf, log_start=False,
+                      stop=lambda row: row["train_acc"] > cfg.train_level and row["test_acc"] > cfg.test_level)
+    grokked = run.stopped
+    mem = train.first_row(run.log, "train_acc", cfg.train_level)
+    return dict(method=method, seed=seed, grokked=grokked, steps_run=run.step, log=run.log,
+                grok_step=run.step if grokked else None, grok_seconds=run.seconds if grokked else None,
+                grok_cpu_seconds=run.cpu_seconds if grokked else None,
+                mem_step=mem["step"] if mem is not None else None,
+                phase_steps=(max(0, run.step - mem["step"]) if mem is not None else 0) if grokked else None,
+                phase_seconds=(max(0.0, run.seconds - mem["seconds"]) if mem is not None else 0.0) if grokked else None,
+                final_train_acc=run.log[-1]["train_acc"] if run.log else None,
+                final_test_acc=run.log[-1]["test_acc"] if run.log else None,
+                backend=getattr(reg, "last_backend", None))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=None)
+    p.add_argument("--p", type=int, default=None, help="the modulus (default 97)")
+
+
+def main(args) -> Dict:
+    t0 = time.perf_counter()
+    cfg = common.config_from_args(Config, QUICK, args, ("max_steps", "p"))
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; choose from {METHODS}")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    out = common.out_dir(args.out, NAME)
+    runs = common.run_each(NAME, lambda method, seed: run_one(cfg, method, seed),
+                           [(m, s) for m in methods for s in range(seeds)])
+    stats = summary.summarise(runs, methods, baseline="baseline" if "baseline" in methods else None)
+    rows = [[m, f"{stats[m]['n_grokked']}/{stats[m]['n']}", summary.fmt_ms(stats[m]["steps_mean"], stats[m]["steps_std"]),
+             summary.fmt_ms(stats[m]["seconds_mean"], stats[m]["seconds_std"], 2)] for m in methods]
+    table = common.print_table(["method", "grokked", "steps to grok", "seconds to grok"], rows,
+                               title=f"{NAME}: p={cfg.p}, width {cfg.width}, {cfg.train_frac:.0%} of the pairs, "
+                                     f"cap {cfg.max_steps} steps ('not grokked' = capped)")
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
+    specs = [dict(title=key, xlabel="step", ylabel=key, series=plotting.method_series(runs, methods, key))
+             for key in ("train_acc", "test_acc")]
+    png = plotting.panels(os.path.join(out, "curves.png"), specs, title=f"quadratic modadd p={cfg.p}")
+    return common.finish(NAME, out, args, cfg, t0, ("log.csv", "curves.png"), seeds=seeds, summary=stats,
+                         table=table, plots=[png], runs=[{k: v for k, v in r.items() if k != "log"} for r in runs])
