@@ -276,8 +276,9 @@ def _load_d1(saved_ptr, offs, mask, ACC_FP64: tl.constexpr, ACT: tl.constexpr, A
 # 32..64; 8 warps for ROWS = BN = 128, whose two float32 accumulators (primal and tangent,
 # 128 x 128 each) would take 256 registers per thread with 4 warps, else 4; 4 stages where four
 # float32 stages (x, t and W tiles) fit in shared memory, else 3. The first entry, 3 stages of
-# 64 x 64 x 32, also fits float64 (3 x 52 KB at KC = 8) and is the one config under the
-# interpreter (the tests' TILED shape spans several of its BK = 32 steps and BN = 64 tiles).
+# 64 x 64 x 32, also fits float64 (compiled for sm_90 it takes 96 KB at KC = 1, 104 KB at KC = 8)
+# and is the one config under the interpreter (the tests' TILED shape spans several of its
+# BK = 32 steps and BN = 64 tiles).
 _FWD_TUNING = [
     (dict(ROWS=64, BN=64, BK=32), 4, 3),
     (dict(ROWS=64, BN=64, BK=64), 4, 4),
@@ -557,7 +558,7 @@ def _matmul_kernel(
 # _W_MIN_SPLIT_ROWS = 512 rows (a 64 x 64 program then reads >= 512 x 64 x (4 + 2) bytes of
 # float32 G and bf16 x or t, and its float32 partial, written once and read once by the sum,
 # adds at most a sixth of that) and a multiple of _W_SPLIT_ALIGN = 128 rows (the largest BR, so
-# that a split starts on a BR step). Under the interpreter the count is fixed at
+# that every split's steps start on multiples of BR rows). Under the interpreter the count is fixed at
 # _W_INTERPRETED_SPLIT = 3, unaligned, so that the tests' small odd sizes put split boundaries
 # inside both row segments.
 # GPU table: BO, BI 64..128, BR 32..64 rows per step; warps and stages by the rule of
@@ -668,6 +669,7 @@ def _precision(x: torch.Tensor):
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
+    """The number of SMs of a CUDA device (queried once per device)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
