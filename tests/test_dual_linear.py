@@ -9,13 +9,17 @@ the CPU: float64 must match to :data:`utils.F64`, float32 to :data:`utils.REL32`
 bfloat16 by the 2x rule. Backend-specific tests (the C++ ops' saved state, opcheck and
 torch.compile; Triton's tiling) follow.
 """
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from grokalign_fast import _backends
 from grokalign_fast.ops.mlp import function, reference
+from grokalign_fast.ops.mlp import triton as triton_mlp
 from grokalign_fast.ops.mlp.reference import ACT_CODE, ACTIVATIONS
 from utils import (DEVICES, REL32, assert_close_all, assert_within_twice_plain_error, gen, max_rel_err,
                    outputs_and_grads)
@@ -381,3 +385,214 @@ def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
     (x, t, w, b), idx = inputs()
     monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
     assert "CUDA" in module.unavailable_reason(x, t, w, b, "tanh", idx)
+
+
+def triton_module():
+    """The Triton backend's module for checks that launch nothing; skips where triton is missing."""
+    reason = _backends.triton_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return triton_mlp
+
+
+# (K, index, use, SPLIT_ROWS) for SPLIT_SHAPE (B = 34): the weight gradient reduces over the B + K R
+# stacked rows (B alone when only y is used), in 3 splits of SPLIT_ROWS rows (the last shorter).
+SPLIT_SHAPE = (34, 80, 70)
+SPLIT_CASES = {
+    "all_rows-K1": (1, None, None, 23),  # 68 rows: boundaries 23 (primal segment) and 46 (tangent)
+    "all_rows-K3": (3, None, None, 46),  # 136 rows: boundaries 46 and 92, both in the tangent segment
+    "index-K5": (5, REPEATS, None, 20),  # 59 rows: boundaries 20 (primal) and 40 (tangent)
+    "index-K3": (3, REPEATS, None, 17),  # 49 rows: boundaries 17 and 34 = B (where the segments meet)
+    "only_y": (2, None, (True, False), 12),  # 34 rows, all primal: boundaries 12 and 24
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_triton_split_weight_gradient(case):
+    """The weight gradient (and the bias gradient fused with it) split along its stacked rows into
+    the interpreter's SPLIT = 3 float partials, the row count not divisible by 3; float64 against
+    the reference."""
+    module = fast_backend("triton")
+    K, index, use, split_rows = SPLIT_CASES[case]
+    B, IN, OUT = SPLIT_SHAPE
+    leaves, idx = inputs(SPLIT_SHAPE, K=K, index=index, seed=13)
+    rows = B if use else B + K * (B if idx is None else len(idx))
+    assert rows % 3 and module._weight_split(rows, OUT, IN, None) == (3, split_rows)
+    for variant in VARIANTS:
+        check_float64("triton", "cpu", variant, leaves, idx, "gelu", use=use)
+
+
+def test_triton_split_weight_gradient_on_cuda():
+    """The same on a GPU, where the split count follows the SM count: 2100 stacked rows of a
+    40 x 30 layer make 4 splits of 640 rows (the last 180), the first boundary inside the primal
+    segment (B = 700)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (on the CPU: test_triton_split_weight_gradient)")
+    module = fast_backend("triton", "cuda")
+    leaves, idx = inputs((700, 30, 40), K=2, index=None, seed=14)
+    assert module._weight_split(2100, 40, 30, module._sm_count(torch.device("cuda", 0))) == (4, 640)
+    for variant in VARIANTS:
+        check_float64("triton", "cuda", variant, leaves, idx, "gelu")
+
+
+def test_triton_weight_split_count():
+    """On a GPU (132 SMs): a small layer over many rows splits until the programs fill the SMs about
+    twice, each split a multiple of 128 rows and at least 512; a large layer, or few rows, does not.
+    Under the interpreter: 3 splits, fewer only for fewer rows."""
+    module = triton_module()
+    split, split_rows = module._weight_split(20000, 200, 200, 132)  # 16 output tiles of 64 x 64
+    assert 8 <= split <= 2 * 132 // 16 + 1 and split_rows % 128 == 0 and split_rows >= 512
+    assert split_rows * (split - 1) < 20000 <= split_rows * split
+    assert module._weight_split(20000, 4096, 4096, 132) == (1, 20096)
+    assert module._weight_split(900, 200, 200, 132) == (1, 1024)
+    assert module._weight_split(0, 200, 200, 132) == (1, 1)
+    assert module._weight_split(17, 200, 200, None) == (3, 6)
+    assert module._weight_split(2, 200, 200, None) == (2, 1)
+
+
+if triton_mlp.tl is not None:
+    tl = triton_mlp.tl
+
+    @triton_mlp._jit
+    def _span_offsets_kernel(out_ptr, stride, BLOCK: tl.constexpr):
+        """out[r] = r * stride for the rows r of this program's span, as the kernels form offsets."""
+        rows = triton_mlp._span(tl.program_id(0) * BLOCK, BLOCK)
+        tl.store(out_ptr + rows, rows * stride)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_offsets_are_int64(device):
+    """Row indices from _span times a stride that fits int32 (so Triton passes it as int32) give
+    offsets past 2^31 exactly, where int32 arithmetic would wrap."""
+    fast_backend("triton", device)
+    stride = 2 ** 30 + 3
+    out = torch.zeros(8, dtype=torch.int64, device=device)
+    _span_offsets_kernel[(2,)](out, stride, BLOCK=4)
+    assert out.cpu().tolist() == [r * stride for r in range(8)]
+
+
+def test_triton_rows_past_int32_offsets_on_cuda():
+    """x's rows and t's streams a stride of 2^30 + 16 elements apart, so that row 2 and stream 2
+    start past element 2^31 of one storage: forward and every gradient against the float64 reference.
+    Needs that storage (8.6 GB of float32) on a CUDA device; on the CPU the offsets are checked by
+    test_triton_offsets_are_int64."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device with 10 GB free (a view past 2^31 elements of one storage)")
+    module = fast_backend("triton", "cuda", torch.float32)
+    stride = 2 ** 30 + 16
+    if torch.cuda.mem_get_info()[0] < (2 * stride + 64) * 4 + 2 ** 30:
+        pytest.skip("needs 10 GB of free CUDA memory")
+    leaves, idx = inputs((3, 16, 24), K=3, index=None, seed=8)
+    base = torch.zeros(2 * stride + 64, device="cuda")
+    x = base.as_strided((3, 16), (stride, 1))  # x[b, i] at b * stride + i
+    t = base.as_strided((3, 3, 16), (stride, 16, 1), 16)  # t[k, r, i] at k * stride + 16 + 16 r + i
+    x.copy_(leaves[0])
+    t.copy_(leaves[1])
+    vs = [x.detach().requires_grad_(), t.detach().requires_grad_()] + [v.cuda().float().requires_grad_()
+                                                                       for v in leaves[2:]]
+    for variant in VARIANTS:
+        got = outputs_and_grads(getattr(module, variant)(*vs, "gelu", ALPHA, None), vs)
+        want = evaluate(reference, variant, leaves, "gelu", idx)
+        for name, a, r in zip(NAMES, got, want):
+            assert max_rel_err(a, r) <= REL32, name
+
+
+def test_triton_upcasts_bfloat16_only_under_the_interpreter(monkeypatch):
+    """Compiled (on a GPU), bfloat16 tiles go into tl.dot as bfloat16 (UPCAST false); only the
+    interpreter, whose bfloat16 tl.dot is wrong, upcasts them. float16 is never upcast."""
+    module = triton_module()
+    x = torch.zeros(2, 2, dtype=torch.bfloat16)
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+    assert module._precision(x) == (False, True, "ieee")
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    assert module._precision(x) == (False, False, "ieee")
+    assert module._precision(x.half()) == (False, False, "ieee")
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_with_bfloat16_mma():
+    """Every GPU tuning-table entry of the forward, GEMM and weight-gradient kernels (and the
+    backward epilogue) compiles for an H100/H200 (sm_90) as a GPU compiles it, with bfloat16
+    inputs: to a cubin within the 227 KB of shared memory a block may use, each tl.dot an MMA on
+    bfloat16 operands accumulating in float32 (tests/sm90_compile.py, in a process without the
+    interpreter; no GPU needed)."""
+    module = triton_module()
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile.py")
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    tables = (module._FWD_TUNING, module._MM_TUNING, module._W_TUNING)
+    assert len(rows) == 2 * len(tables[0]) + len(tables[1]) + len(tables[2]) + 2
+    for row in rows:
+        assert "error" not in row and row["cubin"], row
+        assert row["shared"] <= 227 * 1024, row
+        if not row["kernel"].startswith("epilogue"):
+            assert row["mma"] and all("f32.bf16.bf16" in op for op in row["mma"]), row
+
+
+# (kernel name, GPU table name, launch arguments of a tiny problem, of a large one)
+PRUNING = [
+    ("_dual_linear_fwd_kernel", "_FWD_TUNING", dict(M=7, IN=13, OUT=11, KC=2), dict(M=4096, IN=1024, OUT=1024, KC=1)),
+    ("_matmul_kernel", "_MM_TUNING", dict(M=21, N=13, KD=11), dict(M=8192, N=1024, KD=1024)),
+    ("_dual_linear_bwd_weight_kernel", "_W_TUNING", dict(OUT=11, IN=13, SPLIT_ROWS=7),
+     dict(OUT=1024, IN=1024, SPLIT_ROWS=1024)),
+]
+
+
+def test_triton_gpu_tables_pruned_by_size():
+    """Each GPU table starts with its all-smallest entry, within the H100/H200 ranges (tiles 64-128,
+    reduction steps 32-64, 4 or 8 warps, 3 or 4 stages); its pruning keeps only that entry for a
+    tiny problem and every entry for a large one."""
+    module = triton_module()
+    for kernel, table, tiny, large in PRUNING:
+        kernel, table = getattr(module, kernel), getattr(module, table)
+        first = table[0][0]
+        assert all(first[name] == module._smallest(table, name) for name in first)
+        assert all(b in (32, 64, 128) and w in (4, 8) and s in (3, 4) for e, w, s in table for b in e.values())
+        configs = module._as_configs(table)
+        assert [c.kwargs for c in kernel.early_config_prune(configs, tiny)] == [first]
+        assert kernel.early_config_prune(configs, large) == configs
+
+
+def test_triton_one_config_under_the_interpreter():
+    """Each autotuned kernel has one config under the interpreter: the first entry of its GPU table."""
+    module = fast_backend("triton")
+    if not _backends.triton_interpreted():
+        pytest.skip("compiled Triton: the GPU tables are in use")
+    for kernel, table, _, _ in PRUNING:
+        assert [c.kwargs for c in getattr(module, kernel).configs] == [getattr(module, table)[0][0]]
+
+
+# (variant, index) on (66, 70, 72) with K = 2: sizes at which the pruning keeps every GPU config of
+# each launch (each tiled dimension above 64 rows or columns, each OUT reduction above 32).
+EVERY_CONFIG = [("dual_linear_sqnorm", None), ("dual_linear", [(5 * i) % 37 for i in range(40)])]
+
+
+@pytest.mark.parametrize("variant,index", EVERY_CONFIG, ids=["sqnorm-all_rows", "index"])
+def test_triton_every_gpu_config_under_the_interpreter(monkeypatch, variant, index):
+    """The autotuners as on a GPU: a stand-in benchmark runs every config of each GPU table once
+    (preferring the last), then the chosen config runs; float64 against the reference. The sqnorm
+    forward's configs write differently laid-out partials into one buffer, which the autotuner
+    zeroes between them."""
+    module = fast_backend("triton")
+    ran = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        ran.append(1)
+        return [1.0 / len(ran)] * 3
+
+    for kernel, table, _, _ in PRUNING:
+        kernel = getattr(module, kernel)
+        monkeypatch.setattr(kernel, "configs", module._as_configs(getattr(module, table)))
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(vars(kernel), "do_bench", bench)  # over the autotuner's cached property
+    leaves, idx = inputs((66, 70, 72), K=2, index=index, seed=17)
+    check_float64("triton", "cpu", variant, leaves, idx, "silu")
+    forward_launches = 1 if index is None else 2
+    assert len(ran) == (len(module._FWD_TUNING) * forward_launches + len(module._MM_TUNING)
+                        + len(module._W_TUNING))

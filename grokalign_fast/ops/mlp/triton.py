@@ -3,8 +3,8 @@ r"""Triton backend of the dual-stream Linear (+bias) + activation.
 Specification: :mod:`.reference` (``z = x W^T + b``, ``y = s(z)``,
 ``u_k = t_k W^T``, ``t'_k = s'(z[index]) * u_k``, ``sq[r] = (1/K) sum_k ||t'_k[r]||^2``).
 
-Layout of this file (Liger-Kernel style): activation helpers, the forward
-kernel, the backward kernels (epilogue, the two GEMMs), their launchers, the
+Layout of this file (Liger-Kernel style): autotuning helpers, the index and
+activation helpers, the forward kernel, the backward kernels (epilogue, the two GEMMs), their launchers, the
 ``autograd.Function`` and the two public functions.
 
 Forward (``_dual_linear_fwd_kernel``). A program owns ``BM`` primal rows,
@@ -38,17 +38,27 @@ Two Triton GEMMs follow: ``[gx; gt_in] = G W`` (``_matmul_kernel``, one launch
 over the rows that are needed, since ``gz`` and ``gu`` are stacked in one
 buffer) and ``gW = gz^T x + gu^T t`` (``_dual_linear_bwd_weight_kernel``, the
 two reduction segments in one loop nest, with ``gb = sum_rows gz`` fused into
-the programs of the first IN tile). Only when ``b`` needs a gradient and ``W``
-does not is ``gb`` a plain ``torch`` column sum.
+the programs of the first IN tile). The weight gradient's reduction (the
+``B + K R`` stacked rows) is split across a grid axis (split-K, see
+``_weight_split``) into float partials that one ``sum(0)`` reduces. Only when
+``b`` needs a gradient and ``W`` does not is ``gb`` a plain ``torch`` column sum.
+
+Tuning: the forward, the GEMM and the weight-gradient kernels are autotuned
+(``triton.autotune``, keyed on the problem sizes) over tables for H100/H200
+written beside each kernel with the reasons; under the CPU interpreter each
+has one config. Indices fit in int32 but element offsets need not: every
+offset is formed from int64 indices (``_span``) or by advancing a pointer.
 
 Precision: accumulation is float32 for float16/bfloat16/float32 inputs and
-float64 for float64; float32 ``tl.dot`` uses TF32 only where
-``torch.backends.cuda.matmul.allow_tf32`` allows it. ``alpha`` (leaky ReLU)
+float64 for float64; float16 and bfloat16 tiles enter ``tl.dot`` as they are
+(only the interpreter upcasts bfloat16, see ``_precision``); float32 ``tl.dot``
+uses TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows it. ``alpha`` (leaky ReLU)
 is a compile-time constant so that float64 keeps it exactly.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -68,6 +78,56 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
         return fn
 
 
+def _autotune(configs, key: List[str], prune: Optional[Callable] = None, reset_to_zero: Optional[List[str]] = None):
+    """``triton.autotune`` over ``configs`` keyed on the launch arguments named in ``key`` (the
+    identity where triton is missing)."""
+    if triton is None:  # pragma: no cover
+        return lambda fn: fn
+    return triton.autotune(configs, key, prune_configs_by=None if prune is None else {"early_config_prune": prune},
+                           reset_to_zero=reset_to_zero)
+
+
+def _heuristics(values: Dict[str, Callable]):
+    """``triton.heuristics`` (the identity where triton is missing)."""
+    if triton is None:  # pragma: no cover
+        return lambda fn: fn
+    return triton.heuristics(values)
+
+
+def _as_configs(entries) -> list:
+    """``triton.Config`` for each ``(blocks, num_warps, num_stages)`` entry."""
+    return [triton.Config(dict(blocks), num_warps=warps, num_stages=stages) for blocks, warps, stages in entries]
+
+
+def _configs(gpu, interpreted) -> list:
+    """The autotuning configs of a kernel: the ``gpu`` table on a GPU; under Triton's CPU
+    interpreter the single entry ``interpreted``, since timing there means nothing and every
+    config would cost a run. Decided when this module is imported, as triton.jit decides
+    interpretation when the kernels are defined."""
+    if triton is None:  # pragma: no cover
+        return []
+    return _as_configs([interpreted] if _backends.triton_interpreted() else gpu)
+
+
+def _prune(**sizes: Callable[[dict], int]):
+    """An ``early_config_prune``: ``sizes`` maps a block name to a function of the launch arguments
+    giving the size of the dimension that block tiles. A config is kept when each of its blocks is
+    at most the next power of two of its size, or is the smallest value of that block in the list
+    (a tile wider than its dimension adds only masked work, so it is not worth benchmarking). Each
+    table lists its all-smallest entry, which is always kept."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        cap = {name: max(min(c.kwargs[name] for c in configs), triton.next_power_of_2(max(int(size(args)), 1)))
+               for name, size in sizes.items()}
+        return [c for c in configs if all(c.kwargs[name] <= cap[name] for name in sizes)]
+    return prune
+
+
+def _smallest(table, name: str) -> int:
+    """The smallest value of block ``name`` in a tuning table."""
+    return min(blocks[name] for blocks, _, _ in table)
+
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Activation codes (reference.ACT_CODE): 0 identity, 1 relu, 2 leaky_relu,
@@ -79,8 +139,16 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------
-# Activation helpers (ACT, ALPHA are compile-time constants)
+# Index helper and activation helpers (ACT, ALPHA are compile-time constants)
 # ----------------------------------------------------------------------------
+@_jit
+def _span(start, BLOCK: tl.constexpr):
+    """The indices ``start + [0, BLOCK)`` as int64. A row or column index fits in int32, but an
+    index times a stride or a row length (an element offset into t [K, R, IN], u [K, R, OUT] or
+    G [B + K R, OUT]) can pass 2^31; every offset in the kernels is formed from these."""
+    return start + tl.arange(0, BLOCK).to(tl.int64)
+
+
 @_jit
 def _tanh(z):
     # libdevice-free: tanh|z| = (1 - e) / (1 + e), e = exp(-2|z|) <= 1 (no overflow).
@@ -199,17 +267,39 @@ def _load_d1(saved_ptr, offs, mask, ACC_FP64: tl.constexpr, ACT: tl.constexpr, A
 # ----------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------
-# Tuning (GPU): BN = 64 output columns and BK = 32 input columns per step; the
-# primal tile has BM rows and the tangent tile KC * BM rows, with BM chosen so
-# that KC * BM is about 64 (BM >= 16 for tl.dot), i.e. each weight tile feeds
-# (1 + KC) * BM ~ 80-128 rows of MMA before it is dropped. KC <= 8 streams per
-# program bounds the register tile; more streams take more programs (grid axis
-# 2), each recomputing its z tile (one extra primal GEMM per 8 streams).
-# Small problems shrink every block to the next power of two >= 16 of the
-# dimension, which also keeps the interpreter's program count low.
-_FWD_BN, _FWD_BK, _FWD_ROWS, _FWD_MAX_KC = 64, 32, 64, 8
+# Tuning. A program owns BM primal rows and the KC * BM tangent rows of a chunk of KC <= 8
+# streams (_FWD_MAX_KC bounds the tangent tile; more streams take more programs on grid axis 2,
+# each recomputing its z tile: one extra primal GEMM per 8 streams). A config gives ROWS, the
+# tangent tile's row budget, and BM = max(16, ROWS // KC) (16: tl.dot's smallest M), so each
+# BK x BN weight tile feeds (1 + KC) * BM ~ ROWS..2 ROWS rows of MMA before it is dropped.
+# GPU table (H100/H200: 132 SMs, 227 KB of shared memory per block): ROWS and BN 64..128, BK
+# 32..64; 8 warps for ROWS = BN = 128, whose two float32 accumulators (primal and tangent,
+# 128 x 128 each) would take 256 registers per thread with 4 warps, else 4; 4 stages where four
+# float32 stages (x, t and W tiles) fit in shared memory, else 3. The first entry, 3 stages of
+# 64 x 64 x 32, also fits float64 (compiled for sm_90 it takes 96 KB at KC = 1, 104 KB at KC = 8)
+# and is the one config under the interpreter (the tests' TILED shape spans several of its
+# BK = 32 steps and BN = 64 tiles).
+_FWD_TUNING = [
+    (dict(ROWS=64, BN=64, BK=32), 4, 3),
+    (dict(ROWS=64, BN=64, BK=64), 4, 4),
+    (dict(ROWS=64, BN=128, BK=32), 4, 4),
+    (dict(ROWS=128, BN=64, BK=32), 4, 4),
+    (dict(ROWS=128, BN=128, BK=32), 8, 4),
+    (dict(ROWS=128, BN=128, BK=64), 8, 3),
+]
+_FWD_CONFIGS = _configs(_FWD_TUNING, _FWD_TUNING[0])
+_FWD_MAX_KC = 8
 
 
+def _fwd_bm(args: dict) -> int:
+    """Primal rows per program of the forward: the tangent row budget shared by KC streams."""
+    return max(16, args["ROWS"] // args["KC"])
+
+
+@_autotune(_FWD_CONFIGS, key=["M", "IN", "OUT", "K", "KC", "HAS_PRIMAL", "HAS_TANGENT"],
+           prune=_prune(ROWS=lambda a: a["KC"] * a["M"], BN=lambda a: a["OUT"], BK=lambda a: a["IN"]),
+           reset_to_zero=["sq_part_ptr"])  # each config writes its own [chunks * n-tiles, R] layout
+@_heuristics({"BM": _fwd_bm})
 @_jit
 def _dual_linear_fwd_kernel(
     x_ptr, t_ptr, w_ptr, b_ptr, index_ptr,
@@ -221,14 +311,15 @@ def _dual_linear_fwd_kernel(
     GATHER: tl.constexpr, STORE_SAVED: tl.constexpr, STORE_TOUT: tl.constexpr,
     STORE_U: tl.constexpr, SQNORM: tl.constexpr,
     ACC_FP64: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    KC: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """One (row tile, column tile, stream chunk) of the dual-stream layer.
 
     Rows are primal rows (HAS_PRIMAL, M = B) or tangent rows (M = R); with
     HAS_PRIMAL and HAS_TANGENT together they coincide (index=None). With
     GATHER (tangent-only pass) s' comes from the saved tensor at rows index[r].
-    Outputs y, saved are [B, OUT]; tout, u are [K, R, OUT]; sq_part is [chunks * n-tiles, R]; all contiguous.
+    Outputs y, saved are [B, OUT]; tout, u are [K, R, OUT]; sq_part is [>= chunks * n-tiles, R]
+    (zeros beyond the rows this config writes); all contiguous. ROWS only sets BM (see _fwd_bm).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -238,13 +329,13 @@ def _dual_linear_fwd_kernel(
     else:
         acc_dtype = tl.float32
 
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rm = _span(pid_m * BM, BM)
+    rn = _span(pid_n * BN, BN)
+    rk = _span(0, BK)
     m_ok = rm < M
     n_ok = rn < OUT
     # Tangent tile: KC streams stacked, row i is stream pid_c*KC + i // BM, row pid_m*BM + i % BM.
-    ti = tl.arange(0, KC * BM)
+    ti = _span(0, KC * BM)
     t_k = pid_c * KC + ti // BM
     t_r = pid_m * BM + ti % BM
     t_ok = (t_k < K) & (t_r < M)
@@ -300,8 +391,8 @@ def _dual_linear_fwd_kernel(
             d1 = _act_d1(z, ACT, ALPHA)
         u3 = tl.reshape(acc_u, (KC, BM, BN))
         tout = d1[None, :, :] * u3
-        kk = pid_c * KC + tl.arange(0, KC)
-        offs3 = kk[:, None, None] * (M * OUT) + offs_mn[None, :, :]
+        kk = _span(pid_c * KC, KC)
+        offs3 = (kk[:, None] * M + rm[None, :])[:, :, None] * OUT + rn[None, None, :]  # rows of [K * M, OUT]
         mask3 = (kk < K)[:, None, None] & mn_ok[None, :, :]
         if STORE_TOUT:
             tl.store(tout_ptr + offs3, tout.to(tout_ptr.dtype.element_ty), mask=mask3)
@@ -310,7 +401,8 @@ def _dual_linear_fwd_kernel(
         if SQNORM:
             # masked loads left zeros outside the problem, so the sums need no mask
             part = tl.sum(tl.sum(tout * tout, axis=2), axis=0)
-            tl.store(sq_part_ptr + (pid_c * tl.num_programs(1) + pid_n) * M + rm, part, mask=m_ok)
+            part_row = pid_c * tl.num_programs(1) + pid_n
+            tl.store(sq_part_ptr + part_row.to(tl.int64) * M + rm, part, mask=m_ok)
 
 
 # ----------------------------------------------------------------------------
@@ -345,8 +437,8 @@ def _dual_linear_bwd_epilogue_kernel(
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm = _span(pid_m * BM, BM)
+    rn = _span(pid_n * BN, BN)
     m_ok = rm < M
     n_ok = rn < OUT
     mn_ok = m_ok[:, None] & n_ok[None, :]
@@ -373,18 +465,18 @@ def _dual_linear_bwd_epilogue_kernel(
             gs = tl.load(gsq_ptr + rm * stride_gsq, mask=m_ok, other=0.0).to(acc_dtype)
             gscale = gs[:, None] * d1 * 2.0 / K  # g_k = (2/K) gsq t'_k = gscale * u_k
         acc = tl.zeros((BM, BN), dtype=acc_dtype)
+        gt_ptrs = gt_ptr + rm[:, None] * stride_gtr + rn[None, :] * stride_gto  # stream k = 0
         for k in range(0, K):
             if SQNORM or ADD_GZR:
-                u = tl.load(u_ptr + k * (M * OUT) + offs_mn, mask=mn_ok, other=0.0).to(acc_dtype)
+                u_offs = (k * M + rm)[:, None] * OUT + rn[None, :]  # rows of u as [K * M, OUT]
+                u = tl.load(u_ptr + u_offs, mask=mn_ok, other=0.0).to(acc_dtype)
             if SQNORM:
                 g = gscale * u
             else:
-                g = tl.load(
-                    gt_ptr + k * stride_gtk + rm[:, None] * stride_gtr + rn[None, :] * stride_gto,
-                    mask=mn_ok, other=0.0,
-                ).to(acc_dtype)
+                g = tl.load(gt_ptrs, mask=mn_ok, other=0.0).to(acc_dtype)
+                gt_ptrs += stride_gtk
             if STORE_GU:
-                tl.store(g_ptr + (B + k * M) * OUT + offs_mn, g * d1, mask=mn_ok)
+                tl.store(g_ptr + (B + k * M + rm)[:, None] * OUT + rn[None, :], g * d1, mask=mn_ok)
             if ADD_GZR:
                 acc += g * u
         if ADD_GZR:
@@ -398,11 +490,26 @@ def _dual_linear_bwd_epilogue_kernel(
         tl.store(g_ptr + offs_mn, gz, mask=mn_ok)
 
 
-# Tuning (GPU): classic 64 x 64 x 32 tiles with GROUP_M = 8 super-grouping of
-# row tiles for L2 reuse of the W column panel.
-_MM_BM, _MM_BN, _MM_BK, _MM_GROUP = 64, 64, 32, 8
+# Tuning. [gx; gt_in] = G W has B + K R rows (many) and a reduction over OUT: an ordinary GEMM.
+# GPU table: BM, BN 64..128, BK 32..64, with GROUP_M = 8 super-grouping of row tiles
+# (_MM_GROUP) so that consecutive programs reuse the W column panel from L2; 8 warps for
+# 128 x 128 tiles, else 4; 4 stages where four float32 stages fit in the 227 KB of shared memory
+# a block may use (A is G, float32 whatever W's dtype), else 3. The first entry, 3 stages of
+# 64 x 64 x 32, also fits float64 and is the one config under the interpreter.
+_MM_TUNING = [
+    (dict(BM=64, BN=64, BK=32), 4, 3),
+    (dict(BM=64, BN=128, BK=32), 4, 4),
+    (dict(BM=128, BN=64, BK=32), 4, 4),
+    (dict(BM=128, BN=128, BK=32), 8, 4),
+    (dict(BM=128, BN=64, BK=64), 4, 4),
+    (dict(BM=128, BN=128, BK=64), 8, 3),
+]
+_MM_CONFIGS = _configs(_MM_TUNING, _MM_TUNING[0])
+_MM_GROUP = 8
 
 
+@_autotune(_MM_CONFIGS, key=["M", "N", "KD"],
+           prune=_prune(BM=lambda a: a["M"], BN=lambda a: a["N"], BK=lambda a: a["KD"]))
 @_jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, KD,
@@ -423,9 +530,9 @@ def _matmul_kernel(
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rm = _span(pid_m * BM, BM)
+    rn = _span(pid_n * BN, BN)
+    rk = _span(0, BK)
     acc = tl.zeros((BM, BN), dtype=acc_dtype)
     for k0 in range(0, KD, BK):
         kk = k0 + rk
@@ -443,37 +550,68 @@ def _matmul_kernel(
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-# Tuning (GPU): 64 (OUT) x 64 (IN) output tiles, 32 reduction rows per step.
-_W_BO, _W_BI, _W_BR = 64, 64, 32
+# Tuning. gW = G^T [x; t] reduces over the B + K R stacked rows (tens of thousands) into a small
+# output (a 200 x 200 layer is 16 tiles of 64 x 64, against 132 SMs), so the rows are split over
+# grid axis 2 (split-K): each split writes a float partial [OUT, IN] that torch sums (a fixed
+# order: deterministic, no atomics). _weight_split chooses the split count: enough for
+# _W_WAVES = 2 programs per SM, counted with the table's smallest tile; each split at least
+# _W_MIN_SPLIT_ROWS = 512 rows (a 64 x 64 program then reads >= 512 x 64 x (4 + 2) bytes of
+# float32 G and bf16 x or t, and its float32 partial, written once and read once by the sum,
+# adds at most a sixth of that) and a multiple of _W_SPLIT_ALIGN = 128 rows (the largest BR, so
+# that every split's steps start on multiples of BR rows). Under the interpreter the count is fixed at
+# _W_INTERPRETED_SPLIT = 3, unaligned, so that the tests' small odd sizes put split boundaries
+# inside both row segments.
+# GPU table: BO, BI 64..128, BR 32..64 rows per step; warps and stages by the rule of
+# _MM_TUNING (the G tile is float32). The first entry, 3 stages of 64 x 64 x 32, also fits
+# float64 and is the one config under the interpreter.
+_W_TUNING = [
+    (dict(BO=64, BI=64, BR=32), 4, 3),
+    (dict(BO=64, BI=64, BR=64), 4, 4),
+    (dict(BO=64, BI=128, BR=32), 4, 4),
+    (dict(BO=128, BI=64, BR=32), 4, 4),
+    (dict(BO=128, BI=128, BR=32), 8, 4),
+    (dict(BO=128, BI=128, BR=64), 8, 3),
+]
+_W_CONFIGS = _configs(_W_TUNING, _W_TUNING[0])
+_W_WAVES, _W_MIN_SPLIT_ROWS, _W_SPLIT_ALIGN, _W_INTERPRETED_SPLIT = 2, 512, 128, 3
 
 
+@_autotune(_W_CONFIGS, key=["B", "R", "K", "IN", "OUT", "SPLIT_ROWS", "TANGENT"],
+           prune=_prune(BO=lambda a: a["OUT"], BI=lambda a: a["IN"], BR=lambda a: a["SPLIT_ROWS"]))
 @_jit
 def _dual_linear_bwd_weight_kernel(
     g_ptr, x_ptr, t_ptr, gw_ptr, gb_ptr,
-    B, R, K, IN, OUT,
+    B, R, K, IN, OUT, SPLIT_ROWS,
     stride_xm, stride_xi, stride_tk, stride_tr, stride_ti,
     TANGENT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     ACC_FP64: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BO: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr,
 ):
-    """gW[OUT, IN] = gz^T x + gu^T t (G = [gz; gu] contiguous [B + K R, OUT]);
-    the programs of IN tile 0 also write gb = sum_rows gz."""
+    """Split ``pid_s`` of gW[OUT, IN] = gz^T x + gu^T t (G = [gz; gu] contiguous [B + K R, OUT]):
+    the sum over the stacked rows [pid_s SPLIT_ROWS, (pid_s + 1) SPLIT_ROWS), the primal segment
+    (rows < B, against x) then the tangent segment (against t), written to gw[pid_s] (gw:
+    [SPLIT, OUT, IN]). The programs of IN tile 0 also write the split's gb = sum_rows gz to
+    gb[pid_s] (gb: [SPLIT, OUT])."""
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
+    pid_s = tl.program_id(2)
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    ro = pid_o * BO + tl.arange(0, BO)
-    ri = pid_i * BI + tl.arange(0, BI)
-    rr = tl.arange(0, BR)
+    ro = _span(pid_o * BO, BO)
+    ri = _span(pid_i * BI, BI)
+    rr = _span(0, BR)
     o_ok = ro < OUT
     i_ok = ri < IN
+    lo = pid_s * SPLIT_ROWS
+    hi = lo + SPLIT_ROWS
     acc = tl.zeros((BO, BI), dtype=acc_dtype)
     gb = tl.zeros((BO,), dtype=acc_dtype)
-    for r0 in range(0, B, BR):
+    end = tl.minimum(hi, B)
+    for r0 in range(lo, end, BR):
         rows = r0 + rr
-        r_ok = rows < B
+        r_ok = rows < end
         a = tl.load(g_ptr + rows[None, :] * OUT + ro[:, None], mask=o_ok[:, None] & r_ok[None, :], other=0.0)
         xb = tl.load(x_ptr + rows[:, None] * stride_xm + ri[None, :] * stride_xi,
                      mask=r_ok[:, None] & i_ok[None, :], other=0.0)
@@ -485,10 +623,12 @@ def _dual_linear_bwd_weight_kernel(
             a = a.to(xb.dtype)
         acc = tl.dot(a, xb, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
     if TANGENT:
-        KR = K * R
-        for r0 in range(0, KR, BR):
+        # tangent rows j (stream j // R, row j % R) are the stacked rows B + j
+        start = tl.maximum(lo, B) - B
+        end = tl.minimum(hi, B + K * R) - B
+        for r0 in range(start, end, BR):
             rows = r0 + rr
-            r_ok = rows < KR
+            r_ok = rows < end
             a = tl.load(g_ptr + (B + rows[None, :]) * OUT + ro[:, None],
                         mask=o_ok[:, None] & r_ok[None, :], other=0.0)
             tb = tl.load(
@@ -500,10 +640,10 @@ def _dual_linear_bwd_weight_kernel(
             else:
                 a = a.to(tb.dtype)
             acc = tl.dot(a, tb, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-    tl.store(gw_ptr + ro[:, None] * IN + ri[None, :], acc.to(gw_ptr.dtype.element_ty),
+    tl.store(gw_ptr + (pid_s * OUT + ro)[:, None] * IN + ri[None, :], acc.to(gw_ptr.dtype.element_ty),
              mask=o_ok[:, None] & i_ok[None, :])
     if BIAS_GRAD:
-        tl.store(gb_ptr + ro, gb.to(gb_ptr.dtype.element_ty), mask=o_ok & (pid_i == 0))
+        tl.store(gb_ptr + pid_s * OUT + ro, gb.to(gb_ptr.dtype.element_ty), mask=o_ok & (pid_i == 0))
 
 
 # ----------------------------------------------------------------------------
@@ -517,13 +657,34 @@ def _block(n: int, cap: int) -> int:
 def _precision(x: torch.Tensor):
     """(ACC_FP64, UPCAST, DOT_PRECISION) for x's dtype."""
     fp64 = x.dtype == torch.float64
-    # The interpreter gets bfloat16 wrong: tl.dot multiplies the raw bits and
-    # .to(tl.bfloat16) truncates instead of rounding to nearest. There (UPCAST)
-    # the kernels upcast bf16 tiles to float32 and write float32 buffers that
-    # torch rounds to bfloat16 afterwards.
+    # Compiled (on a GPU), float16 and bfloat16 tiles go into tl.dot as they are, accumulating in
+    # float32, and the kernels write the input dtype. Only the interpreter gets bfloat16 wrong:
+    # its tl.dot multiplies the raw bits and .to(tl.bfloat16) truncates instead of rounding to
+    # nearest. There alone (UPCAST) the kernels upcast bf16 tiles to float32 and write float32
+    # buffers that torch rounds to bfloat16 afterwards.
     upcast = x.dtype == torch.bfloat16 and _backends.triton_interpreted()
     tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
     return fp64, upcast, "tf32" if tf32 else "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """The number of SMs of a CUDA device (queried once per device)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _weight_split(rows: int, out: int, inn: int, sms: Optional[int]) -> Tuple[int, int]:
+    """``(SPLIT, SPLIT_ROWS)`` of the weight gradient over ``rows`` stacked rows: SPLIT programs
+    along the rows, each over SPLIT_ROWS consecutive rows (the last over the rest) for an
+    ``out`` x ``inn`` gradient on a GPU with ``sms`` SMs (None: the interpreter). See _W_TUNING."""
+    if sms is None:
+        split, align = _W_INTERPRETED_SPLIT, 1
+    else:
+        tiles = triton.cdiv(out, _smallest(_W_TUNING, "BO")) * triton.cdiv(inn, _smallest(_W_TUNING, "BI"))
+        split, align = min(triton.cdiv(_W_WAVES * sms, tiles), rows // _W_MIN_SPLIT_ROWS), _W_SPLIT_ALIGN
+    split = max(1, min(split, rows))
+    split_rows = max(1, triton.cdiv(triton.cdiv(rows, split), align) * align)
+    return max(1, triton.cdiv(rows, split_rows)), split_rows
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -534,6 +695,11 @@ def _saved_dtype(act: str, dtype: torch.dtype) -> Optional[torch.dtype]:
     if act == "identity":
         return None
     return torch.uint8 if act in PIECEWISE_LINEAR else dtype
+
+
+def _fwd_grid(rows: int, out: int, n_chunks: int):
+    """The forward's grid: (row tiles, OUT tiles, stream chunks) for the config's BM and BN."""
+    return lambda meta: (triton.cdiv(rows, meta["BM"]), triton.cdiv(out, meta["BN"]), n_chunks)
 
 
 def _fwd(x, t, weight, bias, act, alpha, index, sqnorm, save):
@@ -556,50 +722,45 @@ def _fwd(x, t, weight, bias, act, alpha, index, sqnorm, save):
     u = torch.empty(K, R, OUT, device=dev, dtype=store_dtype) if store_u else None
 
     kc = min(triton.next_power_of_2(K), _FWD_MAX_KC)
-    bn = _block(OUT, _FWD_BN)
-    bk = _block(IN, _FWD_BK)
     n_chunks = triton.cdiv(K, kc)
-    n_tiles = triton.cdiv(OUT, bn)
-    sq_part = torch.zeros(n_chunks * n_tiles, R, device=dev, dtype=_acc_dtype(dtype)) if sqnorm else None
-    dummy = y  # stands in for pointers a launch does not touch
+    # Zeroed rows for the most OUT tiles any config has; a config with wider tiles leaves the rest 0.
+    # Where unused it is None, not the shared dummy: the autotuner zeroes it before each config.
+    sq_rows = n_chunks * triton.cdiv(OUT, _smallest(_FWD_TUNING, "BN"))
+    sq_part = torch.zeros(sq_rows, R, device=dev, dtype=_acc_dtype(dtype)) if sqnorm else None
+    dummy = y  # stands in for the other pointers a launch does not touch
     consts = dict(
         ACT=ACT_CODE[act], ALPHA=float(alpha), HAS_BIAS=bias is not None,
-        ACC_FP64=fp64, UPCAST=upcast, DOT_PRECISION=precision, BN=bn, BK=bk,
+        ACC_FP64=fp64, UPCAST=upcast, DOT_PRECISION=precision,
     )
     t_strides = (t.stride(0), t.stride(1), t.stride(2))
     if index is None:
-        bm = _block(B, max(16, _FWD_ROWS // kc))
-        grid = (triton.cdiv(B, bm), n_tiles, n_chunks)
         if B and OUT:
-            _dual_linear_fwd_kernel[grid](
+            _dual_linear_fwd_kernel[_fwd_grid(B, OUT, n_chunks)](
                 x, t, weight, dummy if bias is None else bias, dummy,
                 y, dummy if saved is None else saved, dummy if tout is None else tout,
-                dummy if u is None else u, dummy if sq_part is None else sq_part,
+                dummy if u is None else u, sq_part,
                 B, IN, OUT, K, x.stride(0), x.stride(1), *t_strides, weight.stride(0), weight.stride(1),
                 HAS_PRIMAL=True, HAS_TANGENT=True, GATHER=False, STORE_SAVED=saved is not None,
-                STORE_TOUT=tout is not None, STORE_U=u is not None, SQNORM=sqnorm,
-                KC=kc, BM=bm, **consts,
+                STORE_TOUT=tout is not None, STORE_U=u is not None, SQNORM=sqnorm, KC=kc, **consts,
             )
     else:
-        bm = _block(B, _FWD_ROWS)
         if B and OUT:
-            _dual_linear_fwd_kernel[(triton.cdiv(B, bm), n_tiles, 1)](
+            _dual_linear_fwd_kernel[_fwd_grid(B, OUT, 1)](
                 x, t, weight, dummy if bias is None else bias, dummy,
-                y, dummy if saved is None else saved, dummy, dummy, dummy,
+                y, dummy if saved is None else saved, dummy, dummy, None,
                 B, IN, OUT, K, x.stride(0), x.stride(1), *t_strides, weight.stride(0), weight.stride(1),
                 HAS_PRIMAL=True, HAS_TANGENT=False, GATHER=False, STORE_SAVED=saved is not None,
-                STORE_TOUT=False, STORE_U=False, SQNORM=False, KC=1, BM=bm, **consts,
+                STORE_TOUT=False, STORE_U=False, SQNORM=False, KC=1, **consts,
             )
-        bm = _block(R, max(16, _FWD_ROWS // kc))
         if R and OUT:
-            _dual_linear_fwd_kernel[(triton.cdiv(R, bm), n_tiles, n_chunks)](
+            _dual_linear_fwd_kernel[_fwd_grid(R, OUT, n_chunks)](
                 x, t, weight, dummy, index,
                 dummy, dummy if saved is None else saved, dummy if tout is None else tout,
-                dummy if u is None else u, dummy if sq_part is None else sq_part,
+                dummy if u is None else u, sq_part,
                 R, IN, OUT, K, x.stride(0), x.stride(1), *t_strides, weight.stride(0), weight.stride(1),
                 HAS_PRIMAL=False, HAS_TANGENT=True, GATHER=True, STORE_SAVED=False,
                 STORE_TOUT=tout is not None, STORE_U=u is not None, SQNORM=sqnorm,
-                KC=kc, BM=bm, **{**consts, "HAS_BIAS": False},
+                KC=kc, **{**consts, "HAS_BIAS": False},
             )
     if sqnorm:
         sq = (sq_part.sum(0) / K).to(dtype)
@@ -677,32 +838,39 @@ def _bwd(ctx, gy, grad_tout_or_sq):
         hi = B + K * R if need_t_rows else B
         C = torch.empty(hi - lo, IN, device=dev, dtype=store_dtype)
         A = G[lo:hi]
-        bm, bn, bk = _block(hi - lo, _MM_BM), _block(IN, _MM_BN), _block(OUT, _MM_BK)
         if hi > lo and IN:
-            _matmul_kernel[(triton.cdiv(hi - lo, bm) * triton.cdiv(IN, bn),)](
+            _matmul_kernel[lambda meta: (triton.cdiv(hi - lo, meta["BM"]) * triton.cdiv(IN, meta["BN"]),)](
                 A, weight, C, hi - lo, IN, OUT,
                 A.stride(0), A.stride(1), weight.stride(0), weight.stride(1), C.stride(0), C.stride(1),
-                ACC_FP64=fp64, UPCAST=upcast, DOT_PRECISION=precision,
-                BM=bm, BN=bn, BK=bk, GROUP_M=_MM_GROUP,
+                ACC_FP64=fp64, UPCAST=upcast, DOT_PRECISION=precision, GROUP_M=_MM_GROUP,
             )
         if need_x:
             gx = C[:B]
         if need_t_rows:
             gt_in = C[B - lo:].view(K, R, IN)
     if need_w:
-        gw = torch.empty(OUT, IN, device=dev, dtype=store_dtype)
-        gb = torch.empty(OUT, device=dev, dtype=store_dtype) if need_b else None
-        bo, bi = _block(OUT, _W_BO), _block(IN, _W_BI)
-        br = _block(max(B, K * R if need_gu else 0), _W_BR)
         if OUT and IN:
-            _dual_linear_bwd_weight_kernel[(triton.cdiv(OUT, bo), triton.cdiv(IN, bi))](
-                G, x, t, gw, dummy if gb is None else gb,
-                B, R, K, IN, OUT, x.stride(0), x.stride(1), t.stride(0), t.stride(1), t.stride(2),
-                TANGENT=need_gu, BIAS_GRAD=need_b, ACC_FP64=fp64, UPCAST=upcast,
-                DOT_PRECISION=precision, BO=bo, BI=bi, BR=br,
+            sms = None if _backends.triton_interpreted() else _sm_count(dev)
+            split, split_rows = _weight_split(B + (K * R if need_gu else 0), OUT, IN, sms)
+            # One split writes the gradients themselves; several write float partials that one sum
+            # over the split axis reduces (in a fixed order) and rounds once.
+            part_dtype = store_dtype if split == 1 else _acc_dtype(dtype)
+            gw_part = torch.empty(split, OUT, IN, device=dev, dtype=part_dtype)
+            gb_part = torch.empty(split, OUT, device=dev, dtype=part_dtype) if need_b else None
+            _dual_linear_bwd_weight_kernel[
+                lambda meta: (triton.cdiv(OUT, meta["BO"]), triton.cdiv(IN, meta["BI"]), split)
+            ](
+                G, x, t, gw_part, dummy if gb_part is None else gb_part,
+                B, R, K, IN, OUT, split_rows, x.stride(0), x.stride(1), t.stride(0), t.stride(1), t.stride(2),
+                TANGENT=need_gu, BIAS_GRAD=need_b, ACC_FP64=fp64, UPCAST=upcast, DOT_PRECISION=precision,
             )
-        elif need_b:
-            gb = G[:B].sum(0).to(weight.dtype)
+            gw = gw_part[0] if split == 1 else gw_part.sum(0).to(store_dtype)
+            if need_b:
+                gb = gb_part[0] if split == 1 else gb_part.sum(0).to(store_dtype)
+        else:
+            gw = torch.empty(OUT, IN, device=dev, dtype=store_dtype)
+            if need_b:
+                gb = G[:B].sum(0).to(weight.dtype)
     elif need_b:
         gb = G[:B].sum(0).to(weight.dtype)  # plain torch column sum: W needs no gradient
     cast = (lambda v: v) if store_dtype == dtype else (lambda v: None if v is None else v.to(dtype))
