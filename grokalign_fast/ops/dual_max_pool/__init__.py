@@ -45,10 +45,14 @@ def unavailable_reason(z: torch.Tensor) -> Optional[str]:
 
 
 def reference(z: torch.Tensor, idx: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-    """The op in plain PyTorch: ``out [N, C, Lout]``, differentiable in ``z``."""
-    P = idx.shape[0]
-    full = torch.cat([idx, idx[source_rows(z.shape[0], P, index, z.device)]])
-    return z.gather(-1, full)
+    """The op in plain PyTorch: ``out [N, C, Lout]``, differentiable in ``z`` (its backward, a
+    scatter-add, is the op's)."""
+    N, P = z.shape[0], idx.shape[0]
+    if index is None:  # every stream lines up with the primal rows: the indices broadcast over them
+        streams = (N // P, P) + tuple(idx.shape[1:])
+        return z.reshape((N // P, P) + tuple(z.shape[1:])).gather(-1, idx.expand(streams)).reshape(
+            (N,) + tuple(idx.shape[1:]))
+    return z.gather(-1, torch.cat([idx, idx[source_rows(N, P, index, z.device)]]))
 
 
 if _backends.extension_ops_reason(_OPS) is None:
