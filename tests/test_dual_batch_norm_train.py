@@ -112,7 +112,8 @@ def test_low_precision_within_twice_plain_pytorch(dtype, param_dtype):
     assert ours[0].dtype == ours[1].dtype == dtype
     assert all(v.dtype == param_dtype for v in ours[2:])
     assert_within_twice_plain_error(ours[:2], plain[:2], want[:2], names=["out", "grad rows"])
-    for name, o, p, e in zip(["grad weight", "grad bias", "running mean", "running var"], ours[2:], plain[2:], want[2:]):
+    names = ["grad weight", "grad bias", "running mean", "running var"]
+    for name, o, p, e in zip(names, ours[2:], plain[2:], want[2:]):
         err, err_plain = max_rel_err(o, e), max_rel_err(p, e)
         assert err <= 2 * err_plain + torch.finfo(dtype).eps / 2, (name, err, err_plain)
 

@@ -146,7 +146,8 @@ std::tuple<Tensor, Tensor, Tensor> dual_batch_norm_train_backward_cpu(
         const scalar_t* x = sp + q * L;
         const opmath_t mg = sgp[c] * inv_n, k = is * is * dp[c] * inv_n, mu = mp[c];
         for (int64_t l = 0; l < L; ++l) {
-          y[l] = static_cast<scalar_t>(scale * (static_cast<opmath_t>(g[l]) - mg - (static_cast<opmath_t>(x[l]) - mu) * k));
+          const opmath_t gv = static_cast<opmath_t>(g[l]), xv = static_cast<opmath_t>(x[l]);
+          y[l] = static_cast<scalar_t>(scale * (gv - mg - (xv - mu) * k));
         }
       }
     });

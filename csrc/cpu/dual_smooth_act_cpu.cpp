@@ -112,7 +112,9 @@ Tensor dual_smooth_act_backward_cpu(const Tensor& grad_in, const Tensor& s_in, i
           });
           const scalar_t* g = gp + p * n;
           scalar_t* o = outp + p * n;
-          for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * d1[i] + d2[i] * gt[i]);
+          for (int64_t i = 0; i < n; ++i) {
+            o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * d1[i] + d2[i] * gt[i]);
+          }
         }
       });
     });

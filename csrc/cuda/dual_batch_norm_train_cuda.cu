@@ -174,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor> dual_batch_norm_train_backward_cuda(
   if (total > 0 && C > 0) {
     const Tensor w = bn::channel_param(weight, s, 1.0);
     auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dual_batch_norm_train_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dual_bn_train_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t e = static_cast<acc_t>(eps);
       grad_sums_kernel<scalar_t, acc_t><<<static_cast<unsigned>(C), kThreads, 0, stream>>>(

@@ -16,19 +16,19 @@ saved; the backward re-evaluates ``s'`` and ``s''``. One pass each way, where th
 (:func:`reference`) takes the activation, its slope's several ATen ops, a gather of the slope rows
 for a subsample and a multiply, and autograd saves their intermediates.
 
-Activations (``ACT``), with ``sig`` the logistic sigmoid:
+Activations (``ACT``), with ``sig`` the logistic sigmoid and ``u = b z``:
 
-==========  =================================  =================================  ==========================================
-name        s(z)                               s'(z)                              s''(z)
-==========  =================================  =================================  ==========================================
-gelu        z Phi(z)                           Phi + z phi                        phi (2 - z^2)
-gelu_tanh   z/2 (1 + tanh(c (z + a z^3)))      see ``ops.mlp.reference.act_d1``   see ``ops.mlp.reference.act_d2``
-silu        z sig(z)                           sig (1 + z (1 - sig))              sig (1 - sig) (2 + z (1 - 2 sig))
-tanh        tanh z                             1 - tanh^2                         -2 tanh (1 - tanh^2)
-sigmoid     sig(z)                             sig (1 - sig)                      sig (1 - sig) (1 - 2 sig)
-elu         z > 0 ? z : alpha (e^z - 1)        z > 0 ? 1 : alpha e^z              z > 0 ? 0 : alpha e^z
-softplus    b z > th ? z : log(1 + e^{bz})/b   b z > th ? 1 : sig(b z)            b z > th ? 0 : b sig(bz) (1 - sig(bz))
-==========  =================================  =================================  ==========================================
+==========  ==============================  ===========================  ================================
+name        s(z)                            s'(z)                        s''(z)
+==========  ==============================  ===========================  ================================
+gelu        z Phi(z)                        Phi + z phi                  phi (2 - z^2)
+gelu_tanh   z/2 (1 + tanh(c (z + a z^3)))   ``mlp.reference.act_d1``     ``mlp.reference.act_d2``
+silu        z sig(z)                        sig (1 + z (1 - sig))        sig (1 - sig) (2 + z (1 - 2 sig))
+tanh        tanh z                          1 - tanh^2                   -2 tanh (1 - tanh^2)
+sigmoid     sig(z)                          sig (1 - sig)                sig (1 - sig) (1 - 2 sig)
+elu         z > 0 ? z : alpha (e^z - 1)     z > 0 ? 1 : alpha e^z        z > 0 ? 0 : alpha e^z
+softplus    u > th ? z : log(1 + e^u) / b   u > th ? 1 : sig(u)          u > th ? 0 : b sig(u) (1 - sig(u))
+==========  ==============================  ===========================  ================================
 
 (softplus with ``beta = b`` and ``threshold = th``, as ``F.softplus``). The codes of the first five
 are those of the MLP ops (:data:`grokalign_fast.ops.mlp.reference.ACT_CODE`).
