@@ -14,10 +14,13 @@ Providers:
   backend="reference")``);
 - ``func_jvp``: ``torch.func.jvp`` with one input-space probe, the same probes as ours
   (``GrokAlign(estimator="forward", backend="reference")``);
-- ``dual``: the dual-stream engine (``GrokAlign(estimator="forward", backend="dual")``);
-- ``dual_sub0.25``: the same with ``subsample=0.25``.
+- ``dual``: the dual-stream engine, its rules in plain PyTorch (``GrokAlign(estimator="forward",
+  backend="dual")``);
+- ``dual_sub0.25``: the same with ``subsample=0.25``;
+- ``cpp``, ``cpp_sub0.25``: the engine with the extension's epilogues (``backend="cpp"``), where the
+  extension is built.
 
-Before timing, ``dual`` is checked against ``func_jvp`` on the same probes (float64, 1e-10).
+Before timing, ``dual`` and ``cpp`` are checked against ``func_jvp`` on the same probes (float64, 1e-10).
 Each round runs every provider once in a fresh random order; medians, ratios to ``plain``, and
 the bytes saved for backward in one step.
 """
@@ -33,10 +36,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from providers import saved_bytes, time_interleaved  # noqa: E402
 
-from grokalign_fast import GrokAlign  # noqa: E402
+from grokalign_fast import GrokAlign, available_backends  # noqa: E402
 from grokalign_fast.models import ResNet18, cnn6  # noqa: E402
 
 LAMBDA = 1e-3
+CPP = available_backends()["cpp"]
 MODELS = {
     "cnn6": (lambda width: cnn6(width=width), 128, 32),
     "resnet18": (lambda width: ResNet18(width=width), 64, 64),
@@ -88,26 +92,32 @@ def providers(model0, x, y, only=None):
     add("func_jvp", reg(estimator="forward", backend="reference"))
     add("dual", reg(estimator="forward", backend="dual"))
     add("dual_sub0.25", reg(estimator="forward", backend="dual", subsample=0.25))
+    if CPP is None:
+        add("cpp", reg(estimator="forward", backend="cpp"))
+        add("cpp_sub0.25", reg(estimator="forward", backend="cpp", subsample=0.25))
     return table
 
 
 def check_dual_matches_reference(make, batch):
-    """The engine's penalty and every parameter gradient equal the reference's in float64 (1e-10)."""
+    """The engine's penalty and every parameter gradient (plain rules, and the extension's epilogues
+    where built) equal the reference's in float64 (1e-10)."""
     torch.manual_seed(0)
     model = make().double().train()
     x = torch.randn(min(batch, 4), 3, 32, 32, dtype=torch.float64)
-    results = []
-    for backend in ("dual", "reference"):
+
+    def step(backend):
         m = copy.deepcopy(model)
         reg = GrokAlign(m, 1.0, estimator="forward", backend=backend, squared=True,
                         generator=torch.Generator().manual_seed(1))
         out, pen = reg(x)
-        grads = torch.autograd.grad(out.sum() + pen, list(m.parameters()))
-        results.append((pen.detach(), grads))
-    (p0, g0), (p1, g1) = results
-    assert torch.allclose(p0, p1, rtol=1e-10, atol=0), (p0, p1)
-    for a, b in zip(g0, g1):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max())), (a - b).abs().max()
+        return pen.detach(), torch.autograd.grad(out.sum() + pen, list(m.parameters()))
+
+    p1, g1 = step("reference")
+    for backend in ("dual",) + (("cpp",) if CPP is None else ()):
+        p0, g0 = step(backend)
+        assert torch.allclose(p0, p1, rtol=1e-10, atol=0), (backend, p0, p1)
+        for a, b in zip(g0, g1):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max())), (backend, (a - b).abs().max())
 
 
 def main():

@@ -26,6 +26,48 @@ TORCH_LIBRARY(grokalign, m) {
   // Its backward (and the same pass on any rows): grad_s = grad * d, d from mask as above.
   m.def("dual_act_backward(Tensor grad, Tensor mask, int primal_rows, Tensor? index, int act, float alpha) -> Tensor");
 
+  // The dual-stream engine's epilogue of a smooth activation (grokalign_fast/ops/dual_smooth_act) on
+  // stacked rows s [N, n] laid out as for dual_act.
+  //   act: 3 gelu, 4 gelu_tanh, 5 silu, 6 tanh, 7 sigmoid (the codes of the MLP ops), 8 elu (alpha),
+  //   9 softplus (beta, threshold).
+  // Returns out [N, n]: s(z) on the primal rows, s'(z_src(j)) * t_j on tangent row j.
+  m.def(
+      "dual_smooth_act(Tensor s, int primal_rows, Tensor? index, int act, float alpha, float beta, "
+      "float threshold) -> Tensor");
+  // Its backward for the cotangent grad [N, n] of out: grad_s [N, n] with
+  //   primal row p: grad[p] s'(z_p) + s''(z_p) sum_{tangent rows j on p} grad[j] t_j,
+  //   tangent row j: grad[j] s'(z_src(j)).
+  m.def(
+      "dual_smooth_act_backward(Tensor grad, Tensor s, int primal_rows, Tensor? index, int act, float alpha, "
+      "float beta, float threshold) -> Tensor");
+
+  // The dual-stream engine's max pool (grokalign_fast/ops/dual_max_pool): every stacked row gathered
+  // at its primal row's argmax. z [N, C, L] (the pooled dimensions flattened), idx [P, C, Lout] long
+  // (the primal rows' argmax indices into L, as ATen's max pools return them), index as for dual_act
+  // (P = idx.size(0) primal rows). Returns out [N, C, Lout], out[r, c, o] = z[r, c, idx[src(r), c, o]].
+  m.def("dual_max_pool(Tensor z, Tensor idx, Tensor? index) -> Tensor");
+  // Its backward: grad_z [N, C, length], the scatter-add of grad [N, C, Lout] at the same positions.
+  m.def("dual_max_pool_backward(Tensor grad, Tensor idx, Tensor? index, int length) -> Tensor");
+
+  // The dual-stream engine's batch norm in train mode (grokalign_fast/ops/dual_batch_norm_train) on
+  // stacked rows s [N, C, L] (primal rows [0, P), any tangent rows after them): the batch statistics
+  // per channel over the P * L primal values, mean and var (biased), invstd = 1 / sqrt(var + eps);
+  //   primal rows:  (z - mean) invstd weight + bias,    tangent rows:  t invstd weight.
+  // Returns out [N, C, L], mean [C] and var [C] (float for half / bfloat16 rows, else the rows' dtype).
+  // weight, bias: [C], None for 1 and 0.
+  m.def(
+      "dual_batch_norm_train(Tensor s, Tensor? weight, Tensor? bias, int primal_rows, float eps) "
+      "-> (Tensor out, Tensor mean, Tensor var)");
+  // Its backward for the cotangent grad [N, C, L] of out (n = P L, S = sum over the tangent rows of grad t,
+  // sum_g and dot = sum of grad and of grad (z - mean) over the primal rows, all per channel):
+  //   grad_s: primal rows invstd weight (grad - sum_g / n - (z - mean) invstd^2 (dot + S) / n),
+  //           tangent rows grad invstd weight;
+  //   grad_weight = invstd (dot + S), grad_bias = sum_g.
+  // output_mask: which of (s, weight, bias) need a gradient (the others come back empty).
+  m.def(
+      "dual_batch_norm_train_backward(Tensor grad, Tensor s, Tensor? weight, Tensor mean, Tensor var, "
+      "int primal_rows, float eps, bool[3] output_mask) -> (Tensor grad_s, Tensor grad_weight, Tensor grad_bias)");
+
   // Dual-stream Linear(+bias) + activation: the primal batch and K forward-mode
   // tangent streams through y = s(x W^T + b) (grokalign_fast/ops/mlp/reference.py).
   //   x [B, IN], t [K, R, IN], weight [OUT, IN], bias [OUT]?, index [R] long?

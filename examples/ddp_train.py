@@ -49,6 +49,7 @@ def main():
             with torch.no_grad():
                 acc = (model(split.x_test).argmax(1) == split.y_test).float().mean().item()
             print(f"step {step:4d}  loss {loss.item():.4f}  penalty {penalty.item():.5f}  test acc {acc:.3f}")
+    dist.barrier()  # no process tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -39,9 +39,10 @@ def test_glue_bound_runs():
 def test_interleaved_conv_runs():
     """The convolutional models' benchmark on its smallest setting: it checks the engine against the
     reference (float64, 1e-10) before timing, so a broken rule fails here too."""
-    out = _run("bench/interleaved_conv.py", "--rounds", "1", "--width", "2", "--providers", "dual,func_jvp")
+    out = _run("bench/interleaved_conv.py", "--rounds", "1", "--width", "2", "--providers", "dual,cpp,func_jvp")
     for row in ("| cnn6-w2-b128 | dual |", "| resnet18-w2-b64 | func_jvp |"):
         assert row in out
+    assert ("| resnet18-w2-b64 | cpp |" in out) == CPP
 
 
 def test_interleaved_attention_runs():

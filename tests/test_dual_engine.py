@@ -1,11 +1,13 @@
 """Whole models on the dual-stream engine and the planner's choice of path.
 
-``GrokAlign(estimator="forward", backend="dual")`` against the reference path
+``GrokAlign(estimator="forward", backend="dual")`` (the engine's rules in plain PyTorch) and
+``backend="cpp"`` (the engine with the extension's epilogues) against the reference path
 (``backend="reference"``: torch.func.jvp, with the batch statistics held constant where the model
 has BatchNorm in train mode) on the same probes, in float64: output, penalty, ``last_norm`` and
 every parameter gradient to 1e-10, for the CNN and ResNet-18 of ``grokalign_fast.models`` in
 train and eval mode, a custom ``forward`` with a skip connection and a ``torch.cat``, and a model
-with a layer that has no rule (the fallback and its warning).
+with a layer that has no rule (the fallback and its warning); ``"dual"`` against ``"cpp"`` on a
+CNN with every epilogue the extension has.
 """
 import copy
 import warnings
@@ -22,6 +24,7 @@ from grokalign_fast.models import ResNet18, cnn6, mlp
 from utils import F64, max_rel_err
 
 DT = torch.float64
+CPP = available_backends()["cpp"]
 
 
 class SkipCat(nn.Module):
@@ -77,17 +80,74 @@ def _step(model, x, backend, **kw):
 
 @pytest.mark.parametrize("name,model,shape", _models(), ids=[m[0] for m in _models()])
 @pytest.mark.parametrize("kw", [dict(), dict(subsample=0.5, squared=True)], ids=["all", "subsample-squared"])
-def test_whole_model_on_the_engine_equals_the_reference(name, model, shape, kw):
+@pytest.mark.parametrize("backend", ["dual", "cpp"])
+def test_whole_model_on_the_engine_equals_the_reference(name, model, shape, kw, backend):
+    if backend == "cpp" and CPP is not None:
+        pytest.skip(CPP)
     x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(1))
-    got = _step(model, x, "dual", **kw)
+    got = _step(model, x, backend, **kw)
     want = _step(model, x, "reference", **kw)
-    assert got[4].last_backend == "dual" and want[4].last_backend == "reference"
+    assert got[4].last_backend == backend and want[4].last_backend == "reference"
+    _assert_same_step(got, want, exact_buffers=backend == "dual")
+
+
+def _assert_same_step(got, want, exact_buffers):
+    """Output, penalty, ``last_norm`` and every parameter gradient of two :func:`_step` results to
+    1e-10, and the running statistics (updated once by each): bit for bit where both take them from
+    ATen's batch norm, else to 1e-10 (the extension sums the batch statistics in another order)."""
     for a, b in zip(got[:3], want[:3]):
         assert max_rel_err(a, b) < F64["rtol"]
+    assert len(got[3]) == len(want[3])
     for a, b in zip(got[3], want[3]):
         assert max_rel_err(a, b) < F64["rtol"]
-    for a, b in zip(got[5].buffers(), want[5].buffers()):  # running statistics updated once, alike
-        assert torch.equal(a, b)
+    for a, b in zip(got[5].buffers(), want[5].buffers()):
+        assert torch.equal(a, b) if exact_buffers else max_rel_err(a, b) < F64["rtol"]
+
+
+class EveryEpilogue(nn.Module):
+    """A CNN through every epilogue of the extension: BatchNorm in train mode, GELU (erf and tanh),
+    SiLU, ReLU, leaky ReLU, tanh, sigmoid, ELU, softplus, an overlapping max-pool and an adaptive one."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1, bias=False)  # a bias before a batch norm has gradient 0
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.bn3 = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 5)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2, self.bn3):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = F.gelu(self.bn1(self.c1(x)))
+        h = F.max_pool2d(F.silu(h) + F.leaky_relu(h, 0.1), 3, stride=2, padding=1)  # overlapping windows
+        h = F.gelu(self.bn2(self.c2(h)), approximate="tanh")
+        h = torch.tanh(F.adaptive_max_pool2d(torch.relu(h) + F.elu(h, 0.7), (1, 2))).flatten(1)
+        return self.head(torch.sigmoid(self.bn3(h)) + F.softplus(h, beta=2.0, threshold=1.0))
+
+
+@pytest.mark.skipif(CPP is not None, reason=str(CPP))
+@pytest.mark.parametrize("kw", [dict(), dict(subsample=0.5), dict(subsample=0.75, squared=True, num_probes=2)],
+                         ids=["all", "subsample", "subsample-squared-K2"])
+def test_the_extensions_epilogues_equal_the_plain_rules_on_a_whole_model(kw):
+    """``backend="cpp"`` (the engine with the extension's epilogues) against ``backend="dual"`` (its
+    rules in plain PyTorch) on the same probes, in float64: output, penalty, every parameter gradient
+    and the running statistics to 1e-10; every epilogue counted as the kernel's on one side only."""
+    torch.manual_seed(4)
+    model = EveryEpilogue().double().train()
+    x = torch.randn(6, 2, 7, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    got = _step(model, x, "cpp", **kw)
+    want = _step(model, x, "dual", **kw)
+    _assert_same_step(got, want, exact_buffers=False)
+    counts, plain = got[4].last_plan.counts, want[4].last_plan.counts
+    for rule, calls in [("batch_norm", 3), ("gelu", 2), ("silu", 1), ("relu", 1), ("leaky_relu", 1), ("tanh", 1),
+                        ("sigmoid", 1), ("elu", 1), ("softplus", 1), ("max_pool", 2), ("probe_sqnorm", 1)]:
+        assert counts[f"{rule}[cpp]"] == calls, counts
+        assert rule not in counts
+    assert not [k for k in plain if k.endswith("[cpp]")], plain
 
 
 def test_unsupported_layer_warns_once_and_is_counted():
@@ -139,14 +199,24 @@ def test_a_loop_mlp_takes_the_same_path_as_its_sequential(estimator):
 
 
 def test_planner_picks_the_engine_for_a_cnn_and_explains_the_fused_backends():
+    """auto runs a CNN on the engine, with the extension's epilogues where it is built ("cpp", which
+    says why the fused MLP ops cannot serve) and in plain PyTorch ("dual") where it is not, when
+    "cpp" names the missing extension."""
     model = cnn6(1, 3, width=2, size=8).double()
     x = torch.randn(2, 1, 8, 8, dtype=DT)
     plan = GrokAlign(model, 0.1, estimator="forward").explain(x)
-    assert plan.backend == "dual"
     assert plan.reasons["dual"] is None and plan.reasons["reference"] is None
-    assert "MLP chains" in plan.reasons["cpp"] and "Conv2d" in plan.reasons["cpp"]
-    with pytest.raises(BackendUnavailableError, match=r"backend='cpp'.*Conv2d"):
-        GrokAlign(model, 0.1, estimator="forward", backend="cpp")(x)
+    assert "MLP chains" in plan.reasons["triton"] and "Conv2d" in plan.reasons["triton"]
+    if CPP is None:
+        assert plan.backend == "cpp" and plan.reasons["cpp"] is None
+        assert "epilogues" in plan.description and "Conv2d" in plan.description
+        reg = GrokAlign(model, 0.1, estimator="forward", backend="cpp")
+        reg(x)
+        assert reg.last_plan.counts["relu[cpp]"] == 6 and reg.last_plan.counts["max_pool[cpp]"] == 3
+    else:
+        assert plan.backend == "dual" and plan.reasons["cpp"] == CPP
+        with pytest.raises(BackendUnavailableError, match=r"backend='cpp'.*extension"):
+            GrokAlign(model, 0.1, estimator="forward", backend="cpp")(x)
     reverse = GrokAlign(model, 0.1, estimator="reverse").explain(x)
     assert reverse.backend == "reference" and "forward (input-space) estimator" in reverse.reasons["dual"]
 

@@ -4,7 +4,8 @@ For each case ``f`` (a per-sample function of the batch), the engine's output an
 ``(1/K) sum_k ||J V[k, r]||^2`` must equal ``f(x)`` and the same sum of ``torch.func.jvp`` products
 at the rows ``index``, and the gradients of a loss on both with respect to the input and every
 parameter must equal those of the reference, to 1e-10. Odd shapes, every row and a subset, one
-probe and three.
+probe and three; the rules in plain PyTorch (``kernels="torch"``) and with the extension's
+epilogues (``kernels="cpp"``, where it is built).
 """
 import math
 import warnings
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from grokalign_fast import available_backends
 from grokalign_fast.dual import SampleMixingError, run
 from grokalign_fast.dual.batch_stats import BatchStatistics
 
@@ -23,6 +25,13 @@ from utils import F64, max_rel_err
 TOL64 = F64["rtol"]
 
 DT = torch.float64
+CPP = available_backends()["cpp"]
+KERNELS = pytest.mark.parametrize("kernels", [
+    "torch", pytest.param("cpp", marks=pytest.mark.skipif(CPP is not None, reason=str(CPP)))])
+# The cases that call a function with an epilogue in the extension.
+CPP_CASES = {"relu", "relu_method_inplace_module", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "elu",
+             "softplus", "max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d", "batch_norm_train_2d",
+             "batch_norm_train_1d", "matmul_dual_dual", "add_sub_mul_div", "dropout_train"}
 
 
 def _lin(i, o, bias=True):
@@ -159,17 +168,17 @@ def _grads(model, x, y, est, wy, ws):
     return torch.autograd.grad(loss, [x] + [p for p in model.parameters() if p.requires_grad], allow_unused=True)
 
 
-def _compare(model, shape, index, K, reference=_reference, ref_model=None):
-    """Engine against ``reference`` (computed with ``ref_model``, a copy of ``model`` with the same
-    parameters, or ``model`` itself): output, estimate, and the gradients of a loss on both with
-    respect to the input and every parameter."""
+def _compare(model, shape, index, K, reference=_reference, ref_model=None, kernels="torch"):
+    """Engine (its rules on ``kernels``) against ``reference`` (computed with ``ref_model``, a copy of
+    ``model`` with the same parameters, or ``model`` itself): output, estimate, and the gradients of
+    a loss on both with respect to the input and every parameter."""
     ref_model = model if ref_model is None else ref_model
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, dtype=DT, generator=g).requires_grad_()
     R = shape[0] if index is None else len(index)
     V = torch.randn((K, R) + tuple(shape[1:]), dtype=DT, generator=g)
     idx = None if index is None else torch.tensor(index)
-    y, est, counts = run(model, x, V, idx, warned=set())
+    y, est, counts = run(model, x, V, idx, warned=set(), kernels=kernels)
     y_ref, est_ref = reference(ref_model, x, V, idx)
     assert y.shape == y_ref.shape and est.shape == (R,)
     assert max_rel_err(y, y_ref) < TOL64
@@ -183,11 +192,20 @@ def _compare(model, shape, index, K, reference=_reference, ref_model=None):
     return counts
 
 
+def _check_kernels(name, counts, kernels):
+    """With ``kernels="cpp"`` a case of :data:`CPP_CASES` ran an epilogue of the extension; no rule
+    ran one with ``kernels="torch"``."""
+    ran = [k for k in counts if k.endswith("[cpp]") and k != "probe_sqnorm[cpp]"]
+    assert bool(ran) == (kernels == "cpp" and name in CPP_CASES), counts
+
+
 @pytest.mark.parametrize("name,model,shape", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("index,K", [(None, 1), ([2, 0, 2], 3)], ids=["all-K1", "subset-K3"])
-def test_rule_matches_jvp(name, model, shape, index, K):
-    counts = _compare(model, shape, index, K)
+@KERNELS
+def test_rule_matches_jvp(name, model, shape, index, K, kernels):
+    counts = _compare(model, shape, index, K, kernels=kernels)
     assert not [k for k in counts if k.startswith("fallback:")], counts
+    _check_kernels(name, counts, kernels)
 
 
 def _train_reference(model, x, V, index):
@@ -211,10 +229,12 @@ TRAIN_CASES = [
 
 @pytest.mark.parametrize("name,make,shape", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 @pytest.mark.parametrize("index,K", [(None, 1), ([3, 1], 2)], ids=["all-K1", "subset-K2"])
-def test_batch_dependent_rules_match_the_frozen_statistics_reference(name, make, shape, index, K):
+@KERNELS
+def test_batch_dependent_rules_match_the_frozen_statistics_reference(name, make, shape, index, K, kernels):
     """BatchNorm in train mode and dropout: the engine equals the reference that holds the plain
     forward's statistics and masks constant, and updates the running statistics exactly once, as
-    the plain forward does."""
+    the plain forward does (bit for bit from ATen's batch norm; to 1e-10 from the extension's, which
+    sums the statistics in another order)."""
     torch.manual_seed(11)
     model = make()
     ref_model = make()
@@ -226,9 +246,10 @@ def test_batch_dependent_rules_match_the_frozen_statistics_reference(name, make,
         return _train_reference(m, x, V, idx)
 
     torch.random.set_rng_state(state)
-    _compare(model, shape, index, K, reference=reference, ref_model=ref_model)
+    counts = _compare(model, shape, index, K, reference=reference, ref_model=ref_model, kernels=kernels)
+    _check_kernels(name, counts, kernels)
     for a, b in zip(model.buffers(), ref_model.buffers()):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b) if kernels == "torch" else max_rel_err(a, b) < TOL64
 
 
 def test_unknown_function_falls_back_to_jvp_with_one_warning():

@@ -14,6 +14,7 @@ from grokalign_fast.models import cnn6
 from utils import F64, exact_jacobians, max_rel_err, mlp
 
 DT = torch.float64
+CPP = available_backends()["cpp"]
 
 
 def _independent(model, x, weight, mu):
@@ -49,16 +50,20 @@ def test_offset_penalty_equals_the_independent_computation(name, estimator):
     assert max_rel_err(reg.last_offset, want_offset) < F64["rtol"]
     for a, b in zip(g1, g2):
         assert max_rel_err(a, b) < F64["rtol"]
-    if estimator == "forward":
-        assert reg.last_backend == "dual"  # the fused MLP ops do not compute the offset
+    if estimator == "forward":  # the engine computes the offset (the fused MLP ops do not)
+        assert reg.last_backend == ("cpp" if CPP is None else "dual")
+        assert "engine" in reg.last_plan.description
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(subsample=0.5), dict(every=2)], ids=["all", "subsample", "every"])
-def test_engine_offset_equals_reference_with_batchnorm_in_train(kw):
+@pytest.mark.parametrize("engine", ["dual", "cpp"])
+def test_engine_offset_equals_reference_with_batchnorm_in_train(kw, engine):
+    if engine == "cpp" and CPP is not None:
+        pytest.skip(CPP)
     model = cnn6(2, 3, width=2, size=8, batch_norm=True).double().train()
     x = torch.randn(4, 2, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(2))
     res = []
-    for backend in ("dual", "reference"):
+    for backend in (engine, "reference"):
         m = copy.deepcopy(model)
         reg = GrokAlign(m, 0.2, estimator="forward", offset=0.5, backend=backend,
                         generator=torch.Generator().manual_seed(3), **kw)

@@ -1,5 +1,6 @@
 """GrokAlign: one model pass for output and penalty, schedules, fused backends vs the reference."""
 import math
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 import grokalign_fast as ga
 from grokalign_fast import _backends
 from grokalign_fast.regularizer import GrokAlign
-from utils import F64, REL32, SmallCNN, gen, grokalign_step, max_rel_err, mlp
+from utils import F64, REL32, SmallCNN, assert_close_all, gen, grokalign_step, max_rel_err, mlp
 
 CPP = _backends.cpp_unavailable_reason() is None
 
@@ -175,17 +176,40 @@ def test_auto_uses_a_fused_backend_when_it_can():
     assert reg.last_backend == expected
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_explicit_fused_backend_on_unsupported_model_raises_with_reason(backend):
-    x = torch.randn(2, 2, 5, 7, dtype=torch.float64)
-    with pytest.raises(_backends.BackendUnavailableError, match=r"SmallCNN"):
-        GrokAlign(SmallCNN().double(), 0.1, estimator="forward", backend=backend)(x)
-    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 3)).double()
-    with pytest.raises(_backends.BackendUnavailableError, match=r"must directly follow an nn.Linear"):
-        GrokAlign(model, 0.1, estimator="forward", backend=backend)(torch.randn(2, 4, dtype=torch.float64))
-    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double()
-    with pytest.raises(_backends.BackendUnavailableError, match=r"LayerNorm"):
-        GrokAlign(model, 0.1, estimator="forward", backend=backend)(torch.randn(2, 4, dtype=torch.float64))
+def _off_chain_models():
+    """(model, input, what the MLP-chain check names): models the fused MLP ops cannot run."""
+    return [
+        (SmallCNN().double(), torch.randn(2, 2, 5, 7, dtype=torch.float64), r"SmallCNN"),
+        (nn.Sequential(nn.ReLU(), nn.Linear(4, 3)).double(), torch.randn(2, 4, dtype=torch.float64),
+         r"must directly follow an nn.Linear"),
+        (nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double(),
+         torch.randn(2, 4, dtype=torch.float64), r"LayerNorm"),
+    ]
+
+
+def test_explicit_triton_backend_on_unsupported_model_raises_with_reason():
+    for model, x, why in _off_chain_models():
+        with pytest.raises(_backends.BackendUnavailableError, match=why):
+            GrokAlign(model, 0.1, estimator="forward", backend="triton")(x)
+
+
+def test_explicit_cpp_backend_off_the_mlp_chains_runs_the_engine_with_the_epilogues():
+    """backend="cpp" runs models the fused MLP ops cannot on the dual-stream engine with the extension's
+    epilogues (its description says why the fused ops could not), equal to backend="dual" on the same
+    probes; without the extension it raises, naming it."""
+    for model, x, why in _off_chain_models():
+        if not CPP:
+            with pytest.raises(_backends.BackendUnavailableError, match=r"extension"):
+                GrokAlign(model, 0.1, estimator="forward", backend="cpp")(x)
+            continue
+        results = {}
+        for backend in ("cpp", "dual"):
+            reg, out, pen, grads = grokalign_step(model, x, estimator="forward", backend=backend, generator=gen(2))
+            assert reg.last_backend == backend
+            results[backend] = [out, pen] + grads
+        desc = GrokAlign(model, 0.1, estimator="forward", backend="cpp").explain(x).description
+        assert "epilogues" in desc and re.search(why, desc)
+        assert_close_all(results["cpp"], results["dual"])
 
 
 def test_unsupported_model_falls_back_to_reference_under_auto():

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grokalign_fast import GrokAlign
+from grokalign_fast import GrokAlign, _backends
 from grokalign_fast.models import GPT
 
 from utils import F64, exact_sq_norms, grokalign_step, max_rel_err
 
 DT = torch.float64
+# The backend "auto" runs the forward estimator on: the engine with the extension's epilogues where built.
+ENGINE = "cpp" if _backends.cpp_unavailable_reason() is None else "dual"
+ENGINES = ["dual"] + (["cpp"] if ENGINE == "cpp" else [])
 T, E, HEADS, C = 3, 8, 2, 3
 
 
@@ -102,7 +105,7 @@ def test_every_estimator_on_a_transformer_layer(layer, train):
     for (pen, _, _), kw in zip(results, cases):
         assert max_rel_err(pen, exact) < F64["rtol"], kw
     (_, g_dual, b_dual), (_, g_ref, b_ref) = results[2], results[3]
-    assert (b_dual, b_ref) == ("dual", "reference")
+    assert (b_dual, b_ref) == (ENGINE, "reference")
     for a, b in zip(g_dual, g_ref):
         assert max_rel_err(a, b) < F64["rtol"]
 
@@ -121,21 +124,23 @@ def test_batch_first_false_attention_is_refused_on_the_engine_with_the_reason():
         GrokAlign(model, 1.0, estimator="forward", backend="dual")(torch.randn(2, T, E, dtype=DT))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("subsample", [None, 0.5], ids=["all", "sub0.5"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_gpt_on_the_engine_equals_the_reference(train, subsample):
+def test_gpt_on_the_engine_equals_the_reference(train, subsample, engine):
     """The GPT-style causal LM of grokalign_fast.models on tokens: output, penalty and every parameter
     gradient of the engine equal the reference's on the same probes (Jacobian at the token embedding)."""
     torch.manual_seed(0)
     model = GPT(13, d_model=16, layers=2, heads=2, context=9).double().train(train)
     x = torch.randint(0, 13, (4, 9), generator=torch.Generator().manual_seed(2))
     kw = dict(estimator="forward", num_probes=2, subsample=subsample)
-    reg_d, out_d, pen_d, g_d = grokalign_step(copy.deepcopy(model), x, 0.7, backend="dual",
+    reg_d, out_d, pen_d, g_d = grokalign_step(copy.deepcopy(model), x, 0.7, backend=engine,
                                               generator=torch.Generator().manual_seed(3), **kw)
     reg_r, out_r, pen_r, g_r = grokalign_step(copy.deepcopy(model), x, 0.7, backend="reference",
                                               generator=torch.Generator().manual_seed(3), **kw)
-    assert (reg_d.last_backend, reg_r.last_backend) == ("dual", "reference")
-    assert reg_d.last_plan.counts.get("attention") == 2
+    assert (reg_d.last_backend, reg_r.last_backend) == (engine, "reference")
+    counts = reg_d.last_plan.counts
+    assert counts.get("attention", 0) + counts.get("attention[cpp]", 0) == 2
     torch.testing.assert_close(out_d, out_r, **F64)
     torch.testing.assert_close(pen_d, pen_r, **F64)
     assert len(g_d) == len(g_r) == len(list(model.parameters()))

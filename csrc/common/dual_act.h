@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "common/stacked_rows.h"
+
 namespace grokalign {
 namespace dual_act {
 
@@ -19,20 +21,8 @@ inline int64_t check(const char* op, const at::Tensor& s, int64_t P, const std::
   TORCH_CHECK(s.dim() == 2, "grokalign::", op, ": the rows must be [N, n], got ", s.sizes());
   TORCH_CHECK(at::isFloatingType(s.scalar_type()), "grokalign::", op, ": the rows must be floating point, got ",
               s.scalar_type());
-  TORCH_CHECK(P >= 1 && P <= s.size(0), "grokalign::", op, ": primal_rows must be in [1, ", s.size(0), "], got ", P);
   TORCH_CHECK(act == 1 || act == 2, "grokalign::", op, ": act must be 1 (relu) or 2 (leaky_relu), got ", act);
-  const int64_t T = s.size(0) - P;
-  int64_t R = P;
-  if (index.has_value() && index->defined()) {
-    TORCH_CHECK(index->dim() == 1 && index->scalar_type() == at::kLong && index->size(0) >= 1,
-                "grokalign::", op, ": index must be a non-empty 1-D long tensor, got ", index->scalar_type(), " ",
-                index->sizes());
-    TORCH_CHECK(index->device() == s.device(), "grokalign::", op, ": index must be on ", s.device());
-    R = index->size(0);
-  }
-  TORCH_CHECK(T % R == 0, "grokalign::", op, ": the ", T, " tangent rows are not a whole number of streams of ", R,
-              " rows");
-  return R;
+  return stacked_rows::check_streams(op, s.size(0), P, index, s.device());
 }
 
 // The mask of dual_act_backward: uint8 [P, n] for rows of width n.

@@ -31,6 +31,7 @@
 #include <optional>
 
 #include "common/dual_linear.h"
+#include "common/stacked_rows.h"
 
 namespace grokalign {
 namespace row_passes {
@@ -56,16 +57,7 @@ inline bool loop_ok(const Tensor& t) {
          (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) && (t.size(1) <= 1 || t.stride(1) == 1);
 }
 
-// index [R] (long, CPU) must address rows of a B-row primal block: checked on the host
-// before any loop reads through it (index_select checks the same on the ATen path).
-inline void check_index_range(const char* op, const OptTensor& index, int64_t B) {
-  if (!index.has_value() || !index->device().is_cpu()) return;
-  const Tensor idx = index->contiguous();
-  const int64_t* p = idx.data_ptr<int64_t>();
-  for (int64_t r = 0; r < idx.numel(); ++r)
-    TORCH_CHECK(p[r] >= 0 && p[r] < B, "grokalign::", op, ": index[", r, "] = ", p[r],
-                " is out of range for x with B=", B, " rows");
-}
+using stacked_rows::check_index_range;
 
 // s'(z): a bool mask [z > 0] for ReLU (1 byte per entry saved for backward), a tensor of
 // z's dtype for leaky ReLU, undefined for identity (s' = 1).

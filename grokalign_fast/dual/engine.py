@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .. import _backends
+from ..ops.probe_sqnorm import cpp as probe_sqnorm_cpp
+from ..ops.probe_sqnorm import function as probe_sqnorm_ops
 from . import fallback
 from .rules import lookup
 from .embedding import is_token_input, not_embedded
@@ -43,6 +46,7 @@ _METADATA_METHODS = frozenset(
     ) if hasattr(torch.Tensor, n)
 )
 _WARNED: Set[str] = set()
+KERNELS = ("torch", "cpp")
 
 
 def func_name(func) -> str:
@@ -171,7 +175,7 @@ def run(
     *,
     strict: bool = False,
     warned: Optional[Set[str]] = None,
-    kernels: bool = True,
+    kernels: str = "torch",
     jx: bool = False,
 ):
     """Run ``model`` on the dual stream.
@@ -186,8 +190,11 @@ def run(
         strict: raise :class:`NoRuleError` for a function without a rule instead of falling back.
         warned: the names already warned about (the fallback warns once per name in this set; a
             planner keeps one set per plan); None: one set for the process.
-        kernels: let rules run the extension's kernels where one serves (counted as ``"rule[cpp]"``);
-            False: every rule in ATen ops.
+        kernels: which kernels the rules run (one of :data:`KERNELS`): ``"torch"``, every rule in
+            plain PyTorch (ATen ops: the rules' reference); ``"cpp"``, the extension's fused
+            epilogues where one serves (``grokalign::dual_act``, ``dual_smooth_act``, ``dual_max_pool``,
+            ``dual_batch_norm_train``, counted as ``"<rule>[cpp]"``) and the row sum of squares as
+            ``grokalign::probe_sqnorm`` (counted as ``"probe_sqnorm[cpp]"``); needs the extension.
         jx: also carry the tangent ``x[index[r]]`` itself (one more stream) and return ``J x`` at each
             row: the offset ``f(x) - J x`` of the local affine map costs that stream.
 
@@ -200,6 +207,12 @@ def run(
             raise NotImplementedError("the offset term J x needs floating-point inputs, not tokens")
         rows_x = x if index is None else x.index_select(0, index)
         V = torch.cat([V, rows_x.unsqueeze(0).to(V.dtype)])
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "cpp":
+        reason = _backends.cpp_unavailable_reason(x.device)
+        if reason is not None:
+            raise _backends.BackendUnavailableError(f'kernels="cpp" cannot run: {reason}')
     B, K, R = x.shape[0], V.shape[0], V.shape[1]
     ctx = Streams(B, K, R, index)
     ctx.kernels = kernels
@@ -224,9 +237,18 @@ def run(
         raise SampleMixingError(f"the model's output has {out.shape[0]} rows for a batch of {B}")
     if t.dtype in (torch.float16, torch.bfloat16):  # (autocast) the sum of squares accumulates in float32
         t = t.float()
+    streams = t.reshape(K, R, -1)
+    sq = _row_sqnorm(streams[:-1] if jx else streams, kernels, mode.counts)
     if jx:
-        streams = t.reshape((K, R) + tuple(y.shape[1:]))
-        sq = streams[:-1].reshape(K - 1, R, -1).pow(2).sum(dim=(0, 2)) / (K - 1)
-        return y, sq, mode.counts, streams[-1]
-    sq = t.reshape(K, R, -1).pow(2).sum(dim=(0, 2)) / K
+        return y, sq, mode.counts, streams[-1].view((R,) + tuple(y.shape[1:]))
     return y, sq, mode.counts
+
+
+def _row_sqnorm(t: torch.Tensor, kernels: str, counts: Counter) -> torch.Tensor:
+    """``(1/K) sum_{k, n} t[k, r, n]^2`` of the tangent rows ``t [K, R, n]``: ``grokalign::probe_sqnorm``
+    with the extension's kernels where it serves (one pass, its backward the ``2/K t g`` scaling), else
+    ATen ops."""
+    if kernels == "cpp" and probe_sqnorm_ops.unavailable_reasons(t)["cpp"] is None:
+        counts["probe_sqnorm[cpp]"] += 1
+        return probe_sqnorm_cpp.probe_sqnorm(t)
+    return t.pow(2).sum(dim=(0, 2)) / t.shape[0]

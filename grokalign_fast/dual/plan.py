@@ -8,17 +8,20 @@ checks the fused ops' requirements and binds the probe drawer and the op's argum
 
 Backends (``backend=``), fastest first:
 
-- ``"cpp"``: the C++ extension's fused ops, for MLP chains (:func:`~grokalign_fast.dual.trace.mlp_chain`):
-  forward estimator: ``grokalign::dual_mlp_sqnorm`` (one op for a piecewise-linear MLP) or the
-  per-layer ``grokalign::dual_linear*`` ops (smooth activations); reverse estimator:
-  ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
+- ``"cpp"``: the C++ extension's kernels (needs the extension built). Forward estimator: for MLP
+  chains (:func:`~grokalign_fast.dual.trace.mlp_chain`) their fused ops, ``grokalign::dual_mlp_sqnorm``
+  (one op for a piecewise-linear MLP) or the per-layer ``grokalign::dual_linear*`` ops (smooth
+  activations); for any other model (or where the fused ops cannot serve, e.g. the offset term) the
+  dual-stream engine (:func:`~grokalign_fast.dual.engine.run`) with the extension's epilogues where
+  they apply (``grokalign::dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``,
+  ``probe_sqnorm``; ``plan.counts`` shows them as ``"relu[cpp]"``, ``"max_pool[cpp]"``,
+  ``"batch_norm[cpp]"``, ...). Reverse estimator: ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
 - ``"triton"``: the forward estimator's per-layer Triton kernels, for MLP chains. ``"auto"`` never
   picks them under Triton's CPU interpreter.
-- ``"dual"``: one pass without double backward. Forward estimator: the dual-stream engine
-  (:func:`~grokalign_fast.dual.engine.run`) on any model (convolutions, norms, pooling, residual
-  connections, attention, custom ``forward``), its rules in ATen ops and, where the extension is
-  built, its ReLU epilogue as ``grokalign::dual_act`` (``plan.counts`` shows ``"relu[cpp]"``);
-  reverse estimator: the one-pass output-space path of piecewise-linear MLPs in plain PyTorch
+- ``"dual"``: one pass without double backward, in plain PyTorch. Forward estimator: the
+  dual-stream engine on any model (convolutions, norms, pooling, residual connections, attention,
+  custom ``forward``) with every rule in ATen ops, the reference of the ``"cpp"`` engine's
+  epilogues; reverse estimator: the one-pass output-space path of piecewise-linear MLPs
   (:mod:`grokalign_fast.ops.mlp.reverse_mlp`).
 - ``"reference"``: the autograd / ``torch.func`` estimators of :mod:`grokalign_fast.jacobian`,
   any estimator on any model (an extra forward and a double backward).
@@ -217,13 +220,16 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
     if sharded_parameters(model):
         why = ("the model's parameters are sharded by FSDP (DTensor): only the dual-stream engine, which calls the "
                "model's own forward (where FSDP gathers them), serves it")
-        for name in ("cpp", "triton"):
-            reasons[name] = reasons[name] or why
+        reasons["cpp"] = reasons["cpp"] or why
+        reasons["triton"] = reasons["triton"] or why
         reasons["reference"] = ("the reference estimators differentiate twice, and FSDP reshards the parameters after "
                                 "the first backward; use estimator='forward' (the dual-stream engine: one forward, one "
                                 "backward)")
         if estimator != "forward":
             reasons["dual"] = reasons["reference"]
+    chain_cpp = reasons["cpp"]  # why the chain's fused C++ ops cannot serve (None: they do)
+    if estimator == "forward":  # else "cpp" runs the engine with the extension's epilogues
+        reasons["cpp"] = _backends.cpp_unavailable_reason(x.device)
     if backend == "auto":
         chosen = next((name for name in ORDER if reasons[name] is None
                        and not (name == "triton" and _backends.triton_interpreted())), None)
@@ -238,7 +244,7 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
         chosen = backend
     with_offset = offset and not zero_offset
     run, description = _runner(model, x, steps, estimator, chosen, num_probes, probes, squared, generator,
-                               set() if warned is None else warned, with_offset)
+                               set() if warned is None else warned, with_offset, chain_cpp)
     if not with_offset:
         base = run
 
@@ -254,9 +260,12 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
     return plan
 
 
-def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, warned, offset=False):
+def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, warned, offset=False,
+            chain_cpp=None):
     """``(run, description)``; ``run`` returns ``(out, values)``, or with ``offset``
-    ``(out, values, offset)`` (the reference path and the engine compute the offset)."""
+    ``(out, values, offset)`` (the reference path and the engine compute the offset). ``chain_cpp``:
+    why the MLP chain's fused C++ ops cannot serve the forward estimator (None: they do), so that
+    ``"cpp"`` runs the engine with the extension's epilogues."""
     root = not squared
     dtype, device = x.dtype, x.device
     in_shape = tuple(x.shape[1:])
@@ -300,14 +309,15 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
     draw = drawer(resolve_probes(probes, "forward"), K, in_shape, math.prod(in_shape), dtype=dtype, device=device,
                   generator=generator)
     training = bool(getattr(model, "training", False))
-    if backend == "cpp" and whole_mlp.whole_mlp_reason(steps, training, x) is None:
+    fused = backend == "triton" or (backend == "cpp" and chain_cpp is None)
+    if fused and backend == "cpp" and whole_mlp.whole_mlp_reason(steps, training, x) is None:
         op = whole_mlp.whole_mlp_runner("dual_mlp_sqnorm", steps)
 
         def run(x, index=None, scale=1.0):
             return op(x, draw(rows(x, index)), index, root, scale)
 
         return run, "grokalign::dual_mlp_sqnorm (one op for the whole MLP)"
-    if backend in ("cpp", "triton"):
+    if fused:
         def run(x, index=None, scale=1.0):
             out, est = mlp_model.dual_forward(steps, x, draw(rows(x, index)), index=index, training=training,
                                               backend=backend, checked=True)
@@ -316,13 +326,14 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
         return run, f"the per-layer {backend} ops grokalign::dual_linear*"
 
     counts: Dict[str, int] = {}
+    kernels = "cpp" if backend == "cpp" else "torch"
 
     # The engine recognises its dual values by identity and patches modules while it runs: dynamo
     # does not trace that faithfully (it lost bias gradients in a test), so under torch.compile the
     # engine runs eagerly, a graph break on each side of it.
     @torch.compiler.disable
     def run(x, index=None, scale=1.0):
-        res = engine.run(model, x, draw(rows(x, index)), index, warned=warned, jx=offset)
+        res = engine.run(model, x, draw(rows(x, index)), index, warned=warned, kernels=kernels, jx=offset)
         out, est, calls = res[:3]
         counts.clear()
         counts.update(calls)
@@ -332,4 +343,7 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
         return out, finish(est, scale), (y_rows - res[3]).pow(2).flatten(1).sum(1)
 
     run.counts = counts
-    return run, "the dual-stream engine (grokalign_fast.dual.engine)"
+    if kernels == "torch":
+        return run, "the dual-stream engine (grokalign_fast.dual.engine), its rules in plain PyTorch"
+    return run, ("the dual-stream engine (grokalign_fast.dual.engine) with the extension's epilogues where they "
+                 f"apply (the fused MLP ops: {chain_cpp})")

@@ -42,7 +42,7 @@ class Streams:
         self.B, self.K, self.R, self.index = B, K, R, index
         self.N = B + K * R
         self.seed = None  # (tokens, probes) until the tokens' embedding seeds the tangents
-        self.kernels = True  # rules may use the extension's kernels (grokalign_fast.ops.dual_act)
+        self.kernels = "torch"  # the rules' kernels: "torch" (ATen ops) or "cpp" (the extension's where one serves)
         self.kernel: Optional[str] = None  # set by a rule that ran a kernel for the current call
         self.mode = None  # the DualMode running the call
         self._dual: Dict[int, torch.Tensor] = {}

@@ -134,6 +134,50 @@ void check_rademacher() {
   }
 }
 
+// The dual-stream engine's epilogue ops from C++, one case each against ATen on stacked rows: three
+// primal rows, then two streams of two tangent rows riding on primal rows index = [2, 0].
+void check_epilogues() {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor index = at::tensor(std::vector<int64_t>{2, 0});
+  const at::Tensor src = index.repeat({2});  // the primal row of each tangent row
+
+  // dual_smooth_act, tanh (code 6): tanh(z) on the primal rows, (1 - tanh(z_src)^2) t on the tangent rows.
+  using SmoothFn = at::Tensor(const at::Tensor&, int64_t, const std::optional<at::Tensor>&, int64_t, double, double,
+                              double);
+  const auto smooth = dispatcher.findSchemaOrThrow("grokalign::dual_smooth_act", "").typed<SmoothFn>();
+  const at::Tensor s = at::randn({7, 5}, opts);
+  const at::Tensor th = at::tanh(s.slice(0, 0, 3));
+  expect_close(smooth.call(s, 3, index, 6, 1.0, 1.0, 20.0),
+               at::cat({th, s.slice(0, 3) * (1 - th.pow(2)).index_select(0, src)}), 1e-12, 1e-12,
+               "dual_smooth_act (tanh) against ATen");
+
+  // dual_max_pool: every row gathered at its primal row's argmax (ATen's max_pool1d indices).
+  using PoolFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
+  const auto pool = dispatcher.findSchemaOrThrow("grokalign::dual_max_pool", "").typed<PoolFn>();
+  const at::Tensor z = at::randn({7, 2, 9}, opts);
+  const auto [maxima, idx] = at::max_pool1d_with_indices(z.slice(0, 0, 3), {3}, {2});
+  const at::Tensor pooled = pool.call(z, idx, index);
+  expect_close(pooled, z.gather(2, at::cat({idx, idx.index_select(0, src)})), 0, 0,
+               "dual_max_pool against ATen's gather");
+  expect_close(pooled.slice(0, 0, 3), maxima, 0, 0, "dual_max_pool's primal rows are ATen's maxima");
+
+  // dual_batch_norm_train: statistics of the primal rows, (z - mean) invstd w + b and t invstd w.
+  using NormFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                const std::optional<at::Tensor>&, int64_t, double);
+  const auto norm = dispatcher.findSchemaOrThrow("grokalign::dual_batch_norm_train", "").typed<NormFn>();
+  const at::Tensor w = at::rand({2}, opts) + 0.5, b = at::randn({2}, opts);
+  const auto [out, mean, var] = norm.call(z, w, b, 3, 1e-3);
+  const at::Tensor primal = z.slice(0, 0, 3);
+  const at::Tensor want_var = at::var(primal, at::IntArrayRef{0, 2}, /*unbiased=*/false);
+  const at::Tensor scale = (w / (want_var + 1e-3).sqrt()).view({1, 2, 1});
+  const at::Tensor want = at::cat({(primal - primal.mean({0, 2}, true)) * scale + b.view({1, 2, 1}),
+                                   z.slice(0, 3) * scale});
+  expect_close(mean, primal.mean({0, 2}), 1e-12, 1e-12, "dual_batch_norm_train mean of the primal rows");
+  expect_close(var, want_var, 1e-12, 1e-12, "dual_batch_norm_train variance of the primal rows");
+  expect_close(out, want, 1e-12, 1e-12, "dual_batch_norm_train against ATen");
+}
+
 }  // namespace
 
 int main() {
@@ -164,6 +208,7 @@ int main() {
     check_numbers(sqnorm, sqnorm_backward, at::kCPU);
     check_reverse_mlp();
     check_rademacher();
+    check_epilogues();
 #ifdef GROKALIGN_TEST_CUDA
     expect(sqnorm.hasKernelForDispatchKey(c10::DispatchKey::CUDA), "probe_sqnorm has a CUDA kernel");
     expect(sqnorm_backward.hasKernelForDispatchKey(c10::DispatchKey::CUDA),

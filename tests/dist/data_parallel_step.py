@@ -89,6 +89,7 @@ def main(path: str) -> None:
         results["fsdp-reverse-error"] = str(exc)
     if rank == 0:
         torch.save(results, path)
+    dist.barrier()  # no process tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

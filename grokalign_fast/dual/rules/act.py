@@ -2,12 +2,14 @@ r"""Pointwise activations and dropout: ``y = s(z)``, ``t' = s'(z) * t`` with z t
 
 - Positively homogeneous activations (ReLU, leaky ReLU) and dropout are ``y = d(z) * z`` with a
   slope ``d`` that is piecewise constant in z: the whole stacked buffer is multiplied by the
-  primal rows' slope (:meth:`Streams.scale`). No gradient flows through the mask. Where the
-  extension is built, ReLU and leaky ReLU run as its one-pass op ``grokalign::dual_act``
-  (:mod:`grokalign_fast.ops.dual_act`: a byte mask is the saved state).
-- Smooth activations: the primal runs the plain function, the tangent rows take ``s'(z)`` of
-  their primal row, and training differentiates through ``s'`` (it needs ``s''``, which autograd
-  derives from the closed forms of :mod:`grokalign_fast.ops.mlp.reference`).
+  primal rows' slope (:meth:`Streams.scale`). No gradient flows through the mask. With the
+  extension's kernels (``ctx.kernels == "cpp"``), ReLU and leaky ReLU run as its one-pass op
+  ``grokalign::dual_act`` (:mod:`grokalign_fast.ops.dual_act`: a byte mask is the saved state).
+- Smooth activations (GELU, SiLU, tanh, sigmoid, ELU, softplus): the primal runs the plain
+  function, the tangent rows take ``s'(z)`` of their primal row, and training differentiates
+  through ``s'`` (it needs ``s''``, which autograd derives from the closed forms of
+  :mod:`grokalign_fast.ops.dual_smooth_act`). With the extension's kernels they run as its
+  one-pass op ``grokalign::dual_smooth_act``, which saves only the input rows.
 - Dropout draws its mask once, for the primal rows, with the same random numbers the plain call
   draws; each tangent row takes its primal row's mask.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import dual_act as dual_act_op
-from ...ops.mlp.reference import act_d1
+from ...ops import dual_smooth_act as smooth_op
 from . import method, register
 from ._args import arg
 from ..streams import Streams
@@ -30,10 +32,23 @@ def smooth(ctx: Streams, z: torch.Tensor, value, slope) -> torch.Tensor:
     return ctx.join(value(z_p), t * ctx.rows(slope(z_p), m))
 
 
+def _smooth(ctx: Streams, z: torch.Tensor, act: str, **params) -> torch.Tensor:
+    """The smooth activation ``act`` of :mod:`grokalign_fast.ops.dual_smooth_act` (with its
+    ``params``): its one-pass op on the rows flattened to [N*m, features] where the kernels serve,
+    else :func:`smooth` with its plain-PyTorch value and slope."""
+    if ctx.kernels == "cpp" and z.dim() >= 1 and smooth_op.unavailable_reason(z) is None:
+        m = ctx.block(z)
+        index = None if ctx.index is None else ctx.row_index(m)
+        out = smooth_op.dual_smooth_act(z.reshape(z.shape[0], -1), ctx.B * m, index, act, **params)
+        ctx.kernel = "cpp"
+        return ctx.mark(out.view(z.shape))
+    return smooth(ctx, z, lambda v: smooth_op.value(v, act, **params), lambda v: smooth_op.slope(v, act, **params))
+
+
 def _by_kernel(ctx: Streams, z: torch.Tensor, act: str, alpha: float):
     """The activation as the extension's one-pass op ``grokalign::dual_act`` on the rows flattened to
     [N*m, features], or None where it cannot serve (then the ATen ops below run)."""
-    if not ctx.kernels or z.dim() < 1 or dual_act_op.unavailable_reason(z) is not None:
+    if ctx.kernels != "cpp" or z.dim() < 1 or dual_act_op.unavailable_reason(z) is not None:
         return None
     m = ctx.block(z)
     index = None if ctx.index is None else ctx.row_index(m)
@@ -69,43 +84,33 @@ def leaky_relu(ctx: Streams, func, args, kwargs):
 def gelu(ctx: Streams, func, args, kwargs):
     z = arg(args, kwargs, 0, "input")
     approximate = arg(args, kwargs, 1, "approximate", "none")
-    name = "gelu_tanh" if approximate == "tanh" else "gelu"
-    return smooth(ctx, z, lambda v: F.gelu(v, approximate=approximate), lambda v: act_d1(v, name))
+    return _smooth(ctx, z, "gelu_tanh" if approximate == "tanh" else "gelu")
 
 
 @register("silu", F.silu)
 def silu(ctx: Streams, func, args, kwargs):
-    return smooth(ctx, arg(args, kwargs, 0, "input"), F.silu, lambda v: act_d1(v, "silu"))
+    return _smooth(ctx, arg(args, kwargs, 0, "input"), "silu")
 
 
 @register("tanh", torch.tanh, method("tanh"), F.tanh)
 def tanh(ctx: Streams, func, args, kwargs):
-    return smooth(ctx, arg(args, kwargs, 0, "input"), torch.tanh, lambda v: act_d1(v, "tanh"))
+    return _smooth(ctx, arg(args, kwargs, 0, "input"), "tanh")
 
 
 @register("sigmoid", torch.sigmoid, method("sigmoid"), F.sigmoid)
 def sigmoid(ctx: Streams, func, args, kwargs):
-    return smooth(ctx, arg(args, kwargs, 0, "input"), torch.sigmoid, lambda v: act_d1(v, "sigmoid"))
+    return _smooth(ctx, arg(args, kwargs, 0, "input"), "sigmoid")
 
 
 @register("elu", F.elu)
 def elu(ctx: Streams, func, args, kwargs):
-    z = arg(args, kwargs, 0, "input")
-    alpha = float(arg(args, kwargs, 1, "alpha", 1.0))
-    return smooth(ctx, z, lambda v: F.elu(v, alpha),
-                  lambda v: torch.where(v > 0, torch.ones_like(v), alpha * torch.exp(torch.clamp(v, max=0))))
+    return _smooth(ctx, arg(args, kwargs, 0, "input"), "elu", alpha=float(arg(args, kwargs, 1, "alpha", 1.0)))
 
 
 @register("softplus", F.softplus)
 def softplus(ctx: Streams, func, args, kwargs):
-    z = arg(args, kwargs, 0, "input")
-    beta = float(arg(args, kwargs, 1, "beta", 1.0))
-    threshold = float(arg(args, kwargs, 2, "threshold", 20.0))
-
-    def slope(v):
-        return torch.where(v * beta > threshold, torch.ones_like(v), torch.sigmoid(v * beta))
-
-    return smooth(ctx, z, lambda v: F.softplus(v, beta, threshold), slope)
+    return _smooth(ctx, arg(args, kwargs, 0, "input"), "softplus", beta=float(arg(args, kwargs, 1, "beta", 1.0)),
+                   threshold=float(arg(args, kwargs, 2, "threshold", 20.0)))
 
 
 @register("hardtanh", F.hardtanh, F.relu6)

@@ -15,14 +15,17 @@ running statistics are exactly those of the plain call, and the tangent is
 ``t' = gamma * t / sqrt(var_B + eps)``. The dropped cross-sample terms are O(1/B), and the
 estimate stays a sum of per-sample terms. The statistics stay functions of the parameters, so the
 penalty's gradient flows through them. The reference estimators use the same definition
-(:mod:`grokalign_fast.dual.batch_stats`). In eval mode (running statistics) batch norm is a
-per-channel affine map, ``t' = gamma * t / sqrt(running_var + eps)``.
+(:mod:`grokalign_fast.dual.batch_stats`). With the extension's kernels the whole layer is one op,
+``grokalign::dual_batch_norm_train`` (:mod:`grokalign_fast.ops.dual_batch_norm_train`); in ATen ops
+it is :class:`_BatchNormTrain`, the op's reference on the engine. In eval mode (running statistics)
+batch norm is a per-channel affine map, ``t' = gamma * t / sqrt(running_var + eps)``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ...ops import dual_batch_norm_train as batch_norm_op
 from . import register
 from ._args import arg
 from ..streams import SampleMixingError, Streams
@@ -54,6 +57,11 @@ def batch_norm(ctx: Streams, func, args, kwargs):
                 "per channel: its output is 0 whatever the input, and its statistics mix the samples. Use a batch of "
                 "more than one sample, or eval mode"
             )
+        momentum = 0.0 if momentum is None else momentum
+        if ctx.kernels == "cpp" and batch_norm_op.unavailable_reason(z) is None:
+            ctx.kernel = "cpp"
+            return ctx.mark(batch_norm_op.dual_batch_norm_train(z, weight, bias, running_mean, running_var,
+                                                                z_p.shape[0], momentum, eps))
         return ctx.mark(_BatchNormTrain.apply(z, weight, bias, running_mean, running_var, momentum, eps,
                                               z_p.shape[0]))
     scale = torch.rsqrt(running_var + eps)
@@ -148,8 +156,8 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, weight, bias, running_mean, running_var, momentum, eps, n_p):
         z_p, t = s[:n_p], s[n_p:]
-        out_p, mean, invstd = torch.native_batch_norm(z_p, weight, bias, running_mean, running_var, True,
-                                                      0.0 if momentum is None else momentum, eps)
+        out_p, mean, invstd = torch.native_batch_norm(z_p, weight, bias, running_mean, running_var, True, momentum,
+                                                      eps)
         shape = (-1,) + (1,) * (s.dim() - 2)
         scale = invstd if weight is None else invstd * weight
         out = torch.empty_like(s)

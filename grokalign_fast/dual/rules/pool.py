@@ -1,11 +1,17 @@
 r"""Pooling. Max pools: the tangent is gathered at the primal's argmax (PAPER.md); the pooling runs
-once, on the primal rows, and its indices are the compact save. Average pools are linear and run on
-the stacked rows as they are (:mod:`.structural`)."""
+once, on the primal rows, and its indices are the compact save. Every stacked row is then gathered
+at its primal row's argmax (the primal rows' maxima and the tangents together), as the op
+``grokalign::dual_max_pool`` with the extension's kernels (:mod:`grokalign_fast.ops.dual_max_pool`)
+or its plain-PyTorch gather. Average pools are linear and run on the stacked rows as they are
+(:mod:`.structural`)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
+from ...ops import dual_max_pool as max_pool_op
 from . import register
 from ._args import arg, replace_arg
 from ..streams import Streams
@@ -21,19 +27,17 @@ def _max_pool(ctx: Streams, func, args, kwargs, spatial: int, indices_pos: int):
     args, kwargs = replace_arg(args, kwargs, indices_pos, "return_indices", True)
     with torch.no_grad():
         _, idx = func(z_p.detach(), *args[1:], **(kwargs or {}))
-    # Every row gathered at its primal row's argmax: the primal rows' maxima and the tangents, in one
-    # gather (its backward, a scatter-add, is the max-pool's).
-    lead = tuple(idx.shape[1: idx.dim() - spatial])
-    out_shape = (-1,) + tuple(idx.shape[1:])
-    if ctx.index is None:  # every stream lines up with the primal rows: the indices broadcast over them
-        streams = (ctx.K + 1, idx.shape[0]) + lead
-        flat_idx = idx.reshape(streams[1:] + (-1,)).unsqueeze(0).expand(streams + (-1,))
-        out = z.reshape(streams + (-1,)).gather(-1, flat_idx)
-        return ctx.mark(out.reshape(out_shape))
-    rows = ctx.rows(idx, m)
-    full = torch.cat([idx, rows.unsqueeze(0).expand((ctx.K,) + tuple(rows.shape)).reshape((-1,) + tuple(idx.shape[1:]))])
-    out = z.reshape((full.shape[0],) + lead + (-1,)).gather(-1, full.reshape((full.shape[0],) + lead + (-1,)))
-    return ctx.mark(out.reshape(out_shape))
+    out_shape = (z.shape[0],) + tuple(idx.shape[1:])
+    # The rows as [rows, channels, pooled values] (one channel where the input has none).
+    channels = math.prod(idx.shape[1: idx.dim() - spatial])
+    rows, idx = z.reshape(z.shape[0], channels, -1), idx.reshape(idx.shape[0], channels, -1)
+    index = None if ctx.index is None else ctx.row_index(m)
+    if ctx.kernels == "cpp" and max_pool_op.unavailable_reason(z) is None:
+        out = max_pool_op.dual_max_pool(rows, idx, index)
+        ctx.kernel = "cpp"
+    else:
+        out = max_pool_op.reference(rows, idx, index)
+    return ctx.mark(out.view(out_shape))
 
 
 # The pooled dimensions and the position of ``return_indices`` among each function's arguments.

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ... import _backends
+from .._stacked_rows import source_rows
 
 ACT = {"relu": 1, "leaky_relu": 2}
 
@@ -44,10 +45,7 @@ def reference(s: torch.Tensor, primal_rows: int, index: Optional[torch.Tensor], 
     mask = s[:P] > 0
     off = alpha if act == "leaky_relu" else 0.0
     d = torch.where(mask, torch.ones((), dtype=s.dtype), torch.full((), off, dtype=s.dtype))
-    T = s.shape[0] - P
-    rows = torch.arange(T) % (P if index is None else index.shape[0])
-    src = rows if index is None else index[rows]
-    return torch.cat([s[:P] * d, s[P:] * d[src]]), mask.to(torch.uint8)
+    return torch.cat([s[:P] * d, s[P:] * d[source_rows(s.shape[0], P, index, s.device)]]), mask.to(torch.uint8)
 
 
 if _backends.extension_ops_reason(_OPS) is None:

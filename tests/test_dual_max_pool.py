@@ -1,0 +1,110 @@
+"""grokalign::dual_max_pool: the dual-stream engine's max-pool gather as one op, against its plain-PyTorch
+reference and ATen's max pools (the primal rows' maxima), float64 values and gradients (the scatter-add
+of overlapping windows), gradcheck, opcheck, low precision, odd shapes and errors. The op inside the
+engine: tests/test_dual_rules.py and tests/test_dual_engine.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grokalign_fast.ops import dual_max_pool as D
+
+from utils import DEVICES, F64, assert_within_twice_plain_error, max_rel_err, outputs_and_grads
+
+REASON = D.unavailable_reason(torch.zeros(1))
+pytestmark = pytest.mark.skipif(REASON is not None, reason=str(REASON))
+
+# (name, pool of the primal rows with return_indices=True, per-sample shape)
+POOLS = [
+    ("max_pool1d", lambda z: F.max_pool1d(z, 3, 2, return_indices=True), (3, 11)),
+    ("max_pool2d_overlap_pad", lambda z: F.max_pool2d(z, 3, stride=1, padding=1, return_indices=True), (2, 5, 6)),
+    ("max_pool3d", lambda z: F.max_pool3d(z, 2, return_indices=True), (2, 4, 3, 5)),
+    ("adaptive_max_pool2d", lambda z: F.adaptive_max_pool2d(z, (2, 3), return_indices=True), (3, 5, 7)),
+]
+
+
+def _case(pool, shape, P, K, index, dtype=torch.float64, device="cpu", seed=0):
+    """(rows [N, C, L], idx [P, C, Lout], index, the primal rows' pooled values [P, C, Lout])."""
+    g = torch.Generator().manual_seed(seed)
+    R = P if index is None else len(index)
+    z = torch.randn((P + K * R,) + shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    pooled, idx = pool(z[:P])
+    C = shape[0]
+    rows = z.reshape(z.shape[0], C, -1).requires_grad_()
+    idx = idx.reshape(P, C, -1)
+    index = None if index is None else torch.tensor(index, device=device)
+    return rows, idx, index, pooled.reshape(P, C, -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,pool,shape", POOLS, ids=[p[0] for p in POOLS])
+@pytest.mark.parametrize("index", [None, [4, 0, 4]], ids=["all", "subset-repeated"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_op_equals_reference(device, name, pool, shape, index, K):
+    rows, idx, index, pooled = _case(pool, shape, 5, K, index, device=device)
+    got = outputs_and_grads([D.dual_max_pool(rows, idx, index)], [rows])
+    want = outputs_and_grads([D.reference(rows, idx, index)], [rows])
+    assert torch.equal(got[0][:5], pooled)  # the primal rows' maxima, as ATen's pool gives them
+    for a, b in zip(got, want):
+        assert max_rel_err(a, b) < F64["rtol"]
+
+
+@pytest.mark.parametrize("P,K,index", [(1, 0, None), (3, 2, [2]), (2, 1, [1, 1, 0, 0])],
+                         ids=["no-tangent-rows", "one-row-streams", "more-rows-than-primal"])
+def test_odd_shapes(P, K, index):
+    rows, idx, index, _ = _case(POOLS[1][1], (1, 3, 1), P, K, index)
+    got = outputs_and_grads([D.dual_max_pool(rows, idx, index)], [rows])
+    want = outputs_and_grads([D.reference(rows, idx, index)], [rows])
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and max_rel_err(a, b) < F64["rtol"]
+
+
+def test_noncontiguous_rows():
+    rows, idx, _, _ = _case(POOLS[0][1], (3, 11), 4, 2, None)
+    wide = torch.cat([rows.detach(), rows.detach()], dim=1)[:, ::2]  # strided in the channel dimension
+    assert torch.equal(D.dual_max_pool(wide, idx, None), D.reference(wide, idx, None))
+
+
+def test_gradcheck():
+    rows, idx, index, _ = _case(POOLS[1][1], (2, 3, 4), 3, 2, [2, 0, 2])
+    torch.autograd.gradcheck(lambda v: D.dual_max_pool(v, idx, index), (rows,))
+
+
+def test_opcheck():
+    rows, idx, index, _ = _case(POOLS[1][1], (2, 3, 4), 3, 2, [2, 0])
+    torch.library.opcheck(torch.ops.grokalign.dual_max_pool, (rows, idx, index))
+    rows, idx, _, _ = _case(POOLS[0][1], (3, 11), 4, 1, None)
+    torch.library.opcheck(torch.ops.grokalign.dual_max_pool, (rows, idx, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_plain_pytorch(dtype):
+    """The gather is exact; the backward adds overlapping windows in float: at most twice the plain
+    scatter-add's error in the same dtype."""
+    rows, idx, index, _ = _case(POOLS[1][1], (2, 5, 6), 4, 2, [3, 0], dtype=dtype)
+    exact_rows = rows.detach().double().requires_grad_()
+    ours = outputs_and_grads([D.dual_max_pool(rows, idx, index)], [rows])
+    plain = outputs_and_grads([D.reference(rows, idx, index)], [rows])
+    exact = outputs_and_grads([D.reference(exact_rows, idx, index)], [exact_rows])
+    assert torch.equal(ours[0], plain[0])
+    assert_within_twice_plain_error(ours[1:], plain[1:], exact[1:], names=["grad"])
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.ones(4, 2, 5), torch.zeros(2, 3, 2, dtype=torch.long), None), r"idx must be long \[P, C=2, Lout\]"),
+        ((torch.ones(4, 2, 5), torch.zeros(2, 2, 2), None), r"idx must be long"),
+        ((torch.ones(4, 2, 5), torch.full((2, 2, 2), 5), None), r"idx must lie in \[0, 5\)"),
+        ((torch.ones(5, 2, 5), torch.zeros(2, 2, 2, dtype=torch.long), None), r"not a whole number of streams of 2"),
+        ((torch.ones(4, 2, 5), torch.zeros(2, 2, 2, dtype=torch.long), torch.tensor([2])), r"index\[0\] = 2 is out"),
+        ((torch.ones(4, 10), torch.zeros(2, 2, 2, dtype=torch.long), None), r"the rows must be \[N, C, L\]"),
+    ],
+)
+def test_bad_arguments_are_named(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.grokalign.dual_max_pool(*args)
+
+
+def test_backward_refuses_a_cotangent_of_another_width():
+    with pytest.raises(RuntimeError, match=r"grad must be \[N, C, Lout=2\]"):
+        torch.ops.grokalign.dual_max_pool_backward(torch.ones(4, 2, 3), torch.zeros(2, 2, 2, dtype=torch.long), None, 5)
