@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 namespace grokalign {
 namespace attention_jvp {
@@ -88,6 +89,18 @@ inline void check_saved(const Dims& n, const at::Tensor& q, const std::optional<
 // The incoming gradient, or zeros of `like`'s shape when autograd passed none.
 inline at::Tensor grad_or_zeros(const std::optional<at::Tensor>& g, const at::Tensor& like) {
   return (g.has_value() && g->defined()) ? g->contiguous() : at::zeros_like(like, at::MemoryFormat::Contiguous);
+}
+
+// The backward's per-row scalars (reference.py): og = o . g_t per probe [P, B, H, T] and
+// D = o . g_o + sum_probes (o_t . g_t - mu og) = sum_j p_ij g_p,ij [B, H, T], in mu's dtype, contiguous.
+inline std::tuple<at::Tensor, at::Tensor> row_scalars(const at::Tensor& o, const at::Tensor& o_t,
+                                                      const at::Tensor& grad_o, const at::Tensor& grad_o_t,
+                                                      const at::Tensor& mu) {
+  const auto acc = mu.scalar_type();
+  const at::Tensor o_a = o.to(acc), g_t = grad_o_t.to(acc);
+  const at::Tensor og = (o_a.unsqueeze(0) * g_t).sum(-1).contiguous();
+  const at::Tensor D = ((o_a * grad_o.to(acc)).sum(-1) + ((o_t.to(acc) * g_t).sum(-1) - mu * og).sum(0)).contiguous();
+  return {og, D};
 }
 
 }  // namespace attention_jvp

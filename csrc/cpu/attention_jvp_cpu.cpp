@@ -316,11 +316,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_jvp_backwar
   check_saved(n, q_in, grad_o, grad_o_t, o_in, ot_in, lse_in, mu_in);
   const Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
   const Tensor qt = to_acc(qt_in), kt = to_acc(kt_in), vt = to_acc(vt_in);
-  const Tensor o = to_acc(o_in), ot = to_acc(ot_in), lse = lse_in.contiguous(), mu = mu_in.contiguous();
+  const Tensor lse = lse_in.contiguous(), mu = mu_in.contiguous();
   const Tensor go = to_acc(grad_or_zeros(grad_o, o_in)), gt = to_acc(grad_or_zeros(grad_o_t, ot_in));
-  // The per-row scalars: og = o . g_t per probe, D = o . g_o + sum_probes (o_t . g_t - mu og).
-  const Tensor og = (o.unsqueeze(0) * gt).sum(-1).contiguous();
-  const Tensor D = ((o * go).sum(-1) + ((ot * gt).sum(-1) - mu * og).sum(0)).contiguous();
+  Tensor og, D;
+  std::tie(og, D) = row_scalars(o_in, ot_in, go, gt, mu);
 
   const int64_t BH = n.BH();
   const int64_t chunks =
