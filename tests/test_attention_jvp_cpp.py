@@ -49,7 +49,7 @@ CASES = [
     (1, 3, 17, 113, 40, 8, 1),
     (1, 1, 113, 17, 8, 40, 4),
     (1, 2, 150, 300, 8, 6, 2),
-    (1, 1, 300, 150, 40, 8, 1),
+    (1, 1, 300, 150, 40, 8, 3),
 ]
 
 
@@ -68,6 +68,19 @@ def test_float64_equals_reference(device, case, causal, scale):
 def test_a_loss_on_one_output(causal, use):
     """The other output's gradient reaches the backward op as None (taken as zero)."""
     ours, ref = both(inputs(1, 2, 70, 130, 8, 6, 3), causal, None, use)
+    assert_close_all(ours, ref, NAMES, **F64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_query_grads_summed_over_key_block_chunks(causal):
+    """With more threads than heads the CPU backward splits each head's key blocks into chunks, each
+    with its own copy of the query-side gradients, summed at the end (here 3 chunks of one key block)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        ours, ref = both(inputs(1, 1, 200, 300, 8, 6, 2), causal, None)
+    finally:
+        torch.set_num_threads(threads)
     assert_close_all(ours, ref, NAMES, **F64)
 
 

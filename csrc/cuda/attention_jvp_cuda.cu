@@ -124,7 +124,8 @@ int64_t forward_smem_elems(const Shape& s) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const Shape sh, const acc_t c, const FwdArgs<scalar_t, acc_t> a) {
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const Shape sh, const acc_t c, const FwdArgs<scalar_t, acc_t> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int d = sh.d, dv = sh.dv, P = sh.P;
   const int64_t T = sh.T, S = sh.S, BH = sh.BH;
@@ -229,7 +230,8 @@ int64_t backward_q_smem_elems(const Shape& s) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) backward_q_kernel(const Shape sh, const acc_t c, const BwdArgs<scalar_t, acc_t> a) {
+__global__ void __launch_bounds__(kThreads)
+    backward_q_kernel(const Shape sh, const acc_t c, const BwdArgs<scalar_t, acc_t> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int d = sh.d, dv = sh.dv, P = sh.P;
   const int64_t T = sh.T, S = sh.S, BH = sh.BH;
@@ -316,7 +318,8 @@ int64_t backward_k_smem_elems(const Shape& s) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) backward_k_kernel(const Shape sh, const acc_t c, const BwdArgs<scalar_t, acc_t> a) {
+__global__ void __launch_bounds__(kThreads)
+    backward_k_kernel(const Shape sh, const acc_t c, const BwdArgs<scalar_t, acc_t> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int d = sh.d, dv = sh.dv, P = sh.P;
   const int64_t T = sh.T, S = sh.S, BH = sh.BH;
