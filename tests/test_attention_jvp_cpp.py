@@ -93,6 +93,13 @@ def test_non_contiguous_inputs():
     assert_close_all(ours, ref, NAMES, **F64)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 0, 3, 4, 5, 2), (0, 2, 3, 3, 4, 5, 2), (1, 1, 3, 4, 4, 0, 1)],
+                         ids=["T=0", "B=0", "dv=0"])
+def test_empty_inputs(shape):
+    ours, ref = both(inputs(*shape), True, None)
+    assert_close_all(ours, ref, NAMES, **F64)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [(1, 2, 3, 5, 4, 3, 2), (2, 1, 5, 2, 3, 4, None)], ids=["T<S", "T>S"])
 def test_gradcheck(shape, causal):

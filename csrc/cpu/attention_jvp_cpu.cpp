@@ -99,7 +99,7 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
   const int64_t nqb = blocks(T, kBlockQ);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, BH * nqb, 1, [&](int64_t task0, int64_t task1) {
-    // p [nq, nk]; p s_t [(i, p), j], first q_t . k; q . k_t [i, (j, p)].
+    // p [nq, nk]; q_t k^T then p s_t [(i, p), j]; q k_t^T [i, (j, p)].
     std::vector<acc_t> p_buf(kBlockQ * kBlockK), st_buf(kBlockQ * P * kBlockK), r_buf(kBlockQ * kBlockK * P);
     std::vector<acc_t> m(kBlockQ), l(kBlockQ), alpha(kBlockQ), mu(kBlockQ * P);
     for (int64_t task = task0; task < task1; ++task) {
@@ -139,7 +139,7 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
           for (int64_t j = vis; j < nk; ++j) row[j] = kNegInf;
         }
         at::exp_(Pm);
-        // Rescale the running sums to the new maximum.
+        // l = l alpha + sum_j p; the other running sums rescaled to the new maximum.
         for (int64_t i = 0; i < nq; ++i) {
           const acc_t* row = p_buf.data() + i * nk;
           acc_t sum = 0;
