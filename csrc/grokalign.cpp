@@ -128,4 +128,26 @@ TORCH_LIBRARY(grokalign, m) {
       "dual_mlp_sqnorm_backward(Tensor? grad_y, Tensor? grad_sq, Tensor x, Tensor v, Tensor? index, Tensor[] weights, "
       "Tensor[] saved, bool[] has_bias, bool need_x, bool root=False, float scale=1.0) -> (Tensor grad_x, Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
+
+  // Scaled dot-product attention and its forward-mode derivative along P tangents, blockwise
+  // (flash-style: the [T, S] scores are never formed; grokalign_fast/ops/attention_jvp/reference.py is
+  // the specification, csrc/cpu/attention_jvp_cpu.cpp the algorithm).
+  //   q [B, H, T, d], k [B, H, S, d], v [B, H, S, dv] (S >= 1); tangents q_t [P, B, H, T, d],
+  //   k_t [P, B, H, S, d], v_t [P, B, H, S, dv], all of q's dtype and device; causal: key j visible to
+  //   query i iff j <= i (top-left, as F.scaled_dot_product_attention(is_causal=True)); scale c.
+  // With s = c q k^T (masked), p = softmax_j(s), s_t = c (q_t k^T + q k_t^T):
+  //   o = p v [B, H, T, dv], o_t = (p * (s_t - mu)) v + p v_t [P, B, H, T, dv],
+  //   lse = log sum_j exp(s_ij) [B, H, T] and mu_i = sum_j p_ij s_t,ij [P, B, H, T], the row
+  //   statistics the backward needs, in the accumulation dtype (float for half / bfloat16 / float,
+  //   double for double).
+  m.def(
+      "attention_jvp(Tensor q, Tensor k, Tensor v, Tensor q_t, Tensor k_t, Tensor v_t, bool causal, float scale) "
+      "-> (Tensor o, Tensor o_t, Tensor lse, Tensor mu)");
+  // Its backward: the gradients of q, k, v, q_t, k_t, v_t (in that order, their shapes) of a loss
+  // whose gradients on o and o_t are grad_o, grad_o_t (None: zero), from the inputs and the forward's
+  // four outputs (the formulas: reference.py's docstring). Not itself differentiable.
+  m.def(
+      "attention_jvp_backward(Tensor? grad_o, Tensor? grad_o_t, Tensor q, Tensor k, Tensor v, Tensor q_t, "
+      "Tensor k_t, Tensor v_t, Tensor o, Tensor o_t, Tensor lse, Tensor mu, bool causal, float scale) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_q_t, Tensor grad_k_t, Tensor grad_v_t)");
 }

@@ -1,0 +1,97 @@
+r"""C++/CUDA backend of ``attention_jvp``: the ops ``torch.ops.grokalign.attention_jvp`` and
+``torch.ops.grokalign.attention_jvp_backward`` (schemas in ``csrc/grokalign.cpp``, kernels in
+``csrc/cpu/attention_jvp_cpu.cpp`` and ``csrc/cuda/attention_jvp_cuda.cu``).
+
+This module registers the ops' fakes (shapes, for torch.compile) and the autograd formula (the
+backward op, from the inputs, ``o``, ``o_t`` and the row statistics ``lse`` and ``mu`` the forward
+returns; first order only), says when the ops cannot serve (:func:`unavailable_reason`) and gives the
+entry point :func:`attention_jvp_cpp`. The kernels are blockwise (flash-style): memory linear in the
+sequence lengths, never the ``[T, S]`` scores. The math: :mod:`.reference`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ... import _backends
+
+_OPS = ("attention_jvp", "attention_jvp_backward")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def unavailable_reason(q: torch.Tensor) -> Optional[str]:
+    """None when the ops can run on ``q``'s device and dtype, else why not."""
+    reason = _backends.extension_ops_reason(_OPS)
+    if reason is not None:
+        return reason
+    if q.device.type not in ("cpu", "cuda"):
+        return f"grokalign::attention_jvp runs on cpu and cuda tensors, not {q.device.type}"
+    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "grokalign::attention_jvp", "CUDA"):
+        return "the extension was built without CUDA kernels"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"grokalign::attention_jvp takes float16, bfloat16, float32 or float64, not {q.dtype}"
+    return None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``lse`` and ``mu``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _backends.extension_ops_reason(_OPS) is None:
+
+    @torch.library.register_fake("grokalign::attention_jvp")
+    def _attention_jvp_fake(q, k, v, q_t, k_t, v_t, causal, scale):
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                     lambda: f"attention_jvp: q, k, v must be 4-D, got {q.shape}, {k.shape}, {v.shape}")
+        torch._check(q_t.dim() == 5, lambda: f"attention_jvp: q_t must be [P, B, H, T, d], got {q_t.shape}")
+        B, H, T, _ = q.shape
+        P, dv, acc = q_t.shape[0], v.shape[-1], _acc_dtype(q.dtype)
+        return (q.new_empty((B, H, T, dv)), q.new_empty((P, B, H, T, dv)), q.new_empty((B, H, T), dtype=acc),
+                q.new_empty((P, B, H, T), dtype=acc))
+
+    @torch.library.register_fake("grokalign::attention_jvp_backward")
+    def _attention_jvp_backward_fake(grad_o, grad_o_t, q, k, v, q_t, k_t, v_t, o, o_t, lse, mu, causal, scale):
+        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, q_t, k_t, v_t))
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, q_t, k_t, v_t, causal, scale = inputs
+        o, o_t, lse, mu = output
+        # lse and mu are the backward's state, not results to differentiate; an unused o or o_t
+        # reaches the backward as None (the op takes None as zero).
+        ctx.mark_non_differentiable(lse, mu)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, q_t, k_t, v_t, o, o_t, lse, mu)
+        ctx.causal, ctx.scale = causal, scale
+
+    def _backward(ctx, grad_o, grad_o_t, _grad_lse, _grad_mu):
+        if grad_o is None and grad_o_t is None:
+            return (None,) * 8
+        grads = torch.ops.grokalign.attention_jvp_backward(grad_o, grad_o_t, *ctx.saved_tensors, ctx.causal,
+                                                           ctx.scale)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None)
+
+    torch.library.register_autograd("grokalign::attention_jvp", _backward, setup_context=_setup_context)
+
+
+def attention_jvp_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                      v_t: torch.Tensor, causal: bool = False, scale: Optional[float] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(o, o_t)`` of :func:`.reference.attention_jvp` through ``grokalign::attention_jvp``,
+    differentiable in all six inputs.
+
+    ``q [B, H, T, d]``, ``k [B, H, S, d]``, ``v [B, H, S, dv]``; the tangents ``q_t``, ``k_t``, ``v_t``
+    have the primals' shapes (one probe) or a leading probe dimension ``P`` (all three alike);
+    ``o [B, H, T, dv]`` and ``o_t`` in the tangents' layout (``[B, H, T, dv]`` or
+    ``[P, B, H, T, dv]``). ``causal``: key ``j`` visible to query ``i`` iff ``j <= i``;
+    ``scale`` defaults to ``1 / sqrt(d)``.
+    """
+    probes = q_t.dim() == q.dim() + 1
+    if not probes:
+        q_t, k_t, v_t = q_t.unsqueeze(0), k_t.unsqueeze(0), v_t.unsqueeze(0)
+    c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, o_t, _, _ = torch.ops.grokalign.attention_jvp(q, k, v, q_t, k_t, v_t, bool(causal), c)
+    return o, (o_t if probes else o_t.squeeze(0))
