@@ -20,7 +20,7 @@ from grokalign_fast.ops.attention_jvp import attention_jvp
 from grokalign_fast.ops.attention_jvp import triton as triton_backend
 from utils import DEVICES, REL32, assert_close_all, gen, max_rel_err, outputs_and_grads
 
-BACKENDS = ("triton",)  # the C++ backend joins as ("cpp", "triton") once ops/attention_jvp/cpp.py lands
+BACKENDS = ("cpp", "triton")
 NAMES = ("o", "o_t", "grad q", "grad k", "grad v", "grad q_t", "grad k_t", "grad v_t")
 
 # (B, H, T, S, d, dv)

@@ -8,3 +8,4 @@ formulas of every extension op that Python wires, so they are in place before an
 from . import dual_act  # noqa: F401
 from .mlp import cpp as _mlp_cpp  # noqa: F401
 from .probe_sqnorm import cpp as _probe_sqnorm_cpp  # noqa: F401
+from .attention_jvp import cpp as _attention_jvp_cpp  # noqa: F401

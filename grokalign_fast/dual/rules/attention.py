@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops.attention_jvp import attention_jvp
+from ...ops.attention_jvp import cpp as attention_jvp_cpp
 from . import register
 from ._args import arg
 from ..streams import SampleMixingError, Streams
@@ -69,7 +70,9 @@ def _fused(ctx: Streams, q, k, v, is_causal, scale):
     if not heads:  # [N, T, d]: one head
         q_p, k_p, v_p = q_p.unsqueeze(1), k_p.unsqueeze(1), v_p.unsqueeze(1)
         q_t, k_t, v_t = q_t.unsqueeze(2), k_t.unsqueeze(2), v_t.unsqueeze(2)
-    backend = "auto" if ctx.kernels == "cpp" else "reference"
+    backend = "reference"
+    if ctx.kernels == "cpp" and attention_jvp_cpp.unavailable_reason(q) is None:
+        backend = ctx.kernel = "cpp"
     if ctx.index is None:
         o, o_t = attention_jvp(q_p, k_p, v_p, q_t, k_t, v_t, causal=is_causal, scale=scale, backend=backend)
     else:

@@ -8,7 +8,6 @@ entry point with the reference's arguments whose results are differentiable in a
 """
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from typing import Dict, Optional, Tuple
@@ -16,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ... import _backends
+from . import cpp
 from .reference import attention_jvp as reference
 
 ORDER = ("cpp", "triton", "reference")
@@ -65,22 +65,11 @@ def check_args(q, k, v, q_t, k_t, v_t, causal, scale) -> None:
         raise ValueError(f"scale must be None (1/sqrt(d)) or a finite number > 0, got {scale!r}")
 
 
-def _cpp_reason(q) -> Optional[str]:
-    """The C++ backend's reason, imported lazily: its module may be absent from this build."""
-    try:
-        cpp = importlib.import_module(f"{__name__}.cpp")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.cpp":
-            raise
-        return f"this build has no C++ backend for attention_jvp (no module {exc.name})"
-    return cpp.unavailable_reason(q)
-
-
 def unavailable_reasons(q, k, v, q_t, k_t, v_t) -> Dict[str, Optional[str]]:
     """Per backend, None (it can serve these checked arguments) or the reason it cannot."""
     from . import triton
 
-    return {"reference": None, "cpp": _cpp_reason(q), "triton": triton.unavailable_reason(q, k, v, q_t, k_t, v_t)}
+    return {"reference": None, "cpp": cpp.unavailable_reason(q), "triton": triton.unavailable_reason(q, k, v, q_t, k_t, v_t)}
 
 
 def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
@@ -111,9 +100,7 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: torch.
     check_args(q, k, v, q_t, k_t, v_t, causal, scale)
     name = _backends.select(backend, unavailable_reasons(q, k, v, q_t, k_t, v_t), ORDER)
     if name == "cpp":
-        from .cpp import attention_jvp_cpp
-
-        return attention_jvp_cpp(q, k, v, q_t, k_t, v_t, causal, scale)
+        return cpp.attention_jvp_cpp(q, k, v, q_t, k_t, v_t, causal, scale)
     if name == "triton":
         from .triton import attention_jvp_triton
 

@@ -87,8 +87,13 @@ def attention_jvp_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: to
     have the primals' shapes (one probe) or a leading probe dimension ``P`` (all three alike);
     ``o [B, H, T, dv]`` and ``o_t`` in the tangents' layout (``[B, H, T, dv]`` or
     ``[P, B, H, T, dv]``). ``causal``: key ``j`` visible to query ``i`` iff ``j <= i``;
-    ``scale`` defaults to ``1 / sqrt(d)``.
+    ``scale`` defaults to ``1 / sqrt(d)``. No keys (S = 0: ``o = o_t = 0``) or no probes (P = 0) leave
+    nothing to compute: those calls run the reference formula, which defines them.
     """
+    if k.shape[-2] == 0 or (q_t.dim() == q.dim() + 1 and q_t.shape[0] == 0):
+        from .reference import attention_jvp as reference
+
+        return reference(q, k, v, q_t, k_t, v_t, causal, scale)
     probes = q_t.dim() == q.dim() + 1
     if not probes:
         q_t, k_t, v_t = q_t.unsqueeze(0), k_t.unsqueeze(0), v_t.unsqueeze(0)
