@@ -7,8 +7,10 @@ Data: every pair ``(a, b)`` of ``Z_p``; input the one-hot codes of ``a`` and ``b
 full batch; AdamW. "Grokked" = train accuracy > 99% and test accuracy > 90%, checked every
 ``eval_every`` steps.
 
-Methods: ``baseline`` (weight decay only); ``grokalign`` (``GrokAlign(model, lam)``: one
-output-space probe); ``grokalign-offset`` (``offset=lam``, forward estimator: for this network,
+Methods: ``baseline`` (weight decay only); ``grokalign`` (``GrokAlign(model, lam,
+estimator="forward")``: one input-space probe on the dual-stream engine, one pass; the network is
+no MLP chain, so the output-space estimator would run the reference's double backward);
+``grokalign-offset`` (``offset=lam``, forward estimator: for this network,
 homogeneous of degree 2, ``f(x) = J x / 2``, so the offset ``f - J x = -f`` and the offset term
 penalises the output's norm); ``grokfast`` (EMA alpha 0.8, lambda 0.1); ``orthograd`` (AdamW in
 :class:`grokalign_fast.optim.OrthoGrad`).
@@ -38,10 +40,10 @@ METHODS = ("baseline", "grokalign", "grokalign-offset", "grokfast", "orthograd")
 class Config:
     p: int = 97
     width: int = 512
-    train_frac: float = 0.5
+    train_frac: float = 0.3
     split_seed: int = 0
-    lr: float = 5e-3
-    weight_decay: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.1
     lam: float = 1e-3
     max_steps: int = 5000
     eval_every: int = 25
@@ -87,7 +89,7 @@ def run_one(cfg: Config, method: str, seed: int) -> Dict:
         torch.optim.AdamW(model.parameters(), **kw)
     gen = torch.Generator().manual_seed(10_000 + seed)
     reg = {
-        "grokalign": lambda: GrokAlign(model, cfg.lam, generator=gen),
+        "grokalign": lambda: GrokAlign(model, cfg.lam, estimator="forward", generator=gen),
         "grokalign-offset": lambda: GrokAlign(model, cfg.lam, offset=cfg.lam, estimator="forward", generator=gen),
     }.get(method, lambda: None)()
     gf = common.Grokfast(model, 0.8, 0.1) if method == "grokfast" else None
