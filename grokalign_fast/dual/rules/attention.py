@@ -54,6 +54,13 @@ def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
     return torch.matmul(weights, v)
 
 
+# Below this many keys the explicit formula (batched GEMMs over [T, S] scores) is faster than the
+# blockwise C++ op, whose blocks are mostly padding there: forward + backward, one probe, causal, H 4,
+# d 64, 2 CPU threads, the formula over the op: 0.80x at S = 8, 0.97x at 32, 1.07x at 64, 1.22x at
+# 128, 1.72x at 256 (and the modular-addition transformer's S = 3: 0.18x).
+FUSED_MIN_KEYS = 64
+
+
 def _fused(ctx: Streams, q, k, v, is_causal, scale):
     """Attention and its tangents as one :func:`~grokalign_fast.ops.attention_jvp.attention_jvp`
     call: the K tangent streams share the primal's softmax statistics, and no ``[T, S]`` matrix is
@@ -71,7 +78,7 @@ def _fused(ctx: Streams, q, k, v, is_causal, scale):
         q_p, k_p, v_p = q_p.unsqueeze(1), k_p.unsqueeze(1), v_p.unsqueeze(1)
         q_t, k_t, v_t = q_t.unsqueeze(2), k_t.unsqueeze(2), v_t.unsqueeze(2)
     backend = "reference"
-    if ctx.kernels == "cpp" and attention_jvp_cpp.unavailable_reason(q) is None:
+    if ctx.kernels == "cpp" and k.shape[-2] >= FUSED_MIN_KEYS and attention_jvp_cpp.unavailable_reason(q) is None:
         backend = ctx.kernel = "cpp"
     if ctx.index is None:
         o, o_t = attention_jvp(q_p, k_p, v_p, q_t, k_t, v_t, causal=is_causal, scale=scale, backend=backend)
