@@ -146,3 +146,27 @@ def test_gpt_on_the_engine_equals_the_reference(train, subsample, engine):
     assert len(g_d) == len(g_r) == len(list(model.parameters()))
     for a, b in zip(g_d, g_r):
         torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_modadd_transformer_on_the_engine_equals_the_reference(train, engine):
+    """The modular-addition transformer of experiments/modadd.py (its last query through SDPA), with
+    the penalty at the embeddings as the experiment takes it."""
+    from grokalign_fast.experiments.modadd import QUICK, Config, Transformer
+
+    torch.manual_seed(0)
+    cfg = Config(**{k: v for k, v in QUICK.items() if k in ("p", "d_model", "n_heads", "d_mlp")})
+    model = Transformer(cfg).double().train(train)
+    tokens = torch.randint(0, cfg.p, (5, 3), generator=torch.Generator().manual_seed(2))
+    e = model.embed(tokens).detach()
+    kw = dict(estimator="forward", num_probes=2)
+    reg_d, out_d, pen_d, g_d = grokalign_step(model.body, e, 0.7, backend=engine,
+                                              generator=torch.Generator().manual_seed(3), **kw)
+    reg_r, out_r, pen_r, g_r = grokalign_step(model.body, e, 0.7, backend="reference",
+                                              generator=torch.Generator().manual_seed(3), **kw)
+    assert reg_d.last_plan.counts.get("attention") == 1  # 3 keys: the explicit formula's GEMMs
+    torch.testing.assert_close(out_d, out_r, **F64)
+    torch.testing.assert_close(pen_d, pen_r, **F64)
+    for a, b in zip(g_d, g_r):
+        torch.testing.assert_close(a, b, **F64)
