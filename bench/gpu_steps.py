@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from providers import time_interleaved  # noqa: E402
+from providers import emit, time_interleaved  # noqa: E402
 
 from grokalign_fast import GrokAlign  # noqa: E402
 from grokalign_fast.models import GPT, cnn6, mlp  # noqa: E402
@@ -109,11 +109,7 @@ def main():
         p = med["plain"]
         lines.append(f"| {name} | {path} | {p * 1e3:.2f} | {med['ours'] * 1e3:.2f} | {med['ours'] / p:.2f} | "
                      f"{med['ours_sub0.25'] * 1e3:.2f} | {med['ours_sub0.25'] / p:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

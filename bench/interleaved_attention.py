@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from providers import saved_bytes, time_interleaved  # noqa: E402
+from providers import emit, saved_bytes, time_interleaved  # noqa: E402
 
 from grokalign_fast import GrokAlign  # noqa: E402
 from grokalign_fast.ops.attention_jvp import attention_jvp, reference, unavailable_reasons  # noqa: E402
@@ -191,11 +191,7 @@ def main():
         med = time_interleaved(steps, args.rounds, warmup=1)
         lines += [f"| {name} step | median ms | x plain |", "|---|---:|---:|"]
         lines += [f"| {p} | {med[p] * 1e3:.1f} | {med[p] / med['plain']:.2f} |" for p in steps] + [""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from grokalign_fast import GrokAlign
-from grokalign_fast.experiments import data
-from grokalign_fast.experiments.grok_digits import DEFAULT_GROKALIGN
-from grokalign_fast.models import mlp
+sys.path.insert(0, os.path.dirname(__file__))
+from providers import emit  # noqa: E402
+
+from grokalign_fast import GrokAlign  # noqa: E402
+from grokalign_fast.experiments import data  # noqa: E402
+from grokalign_fast.experiments.grok_digits import DEFAULT_GROKALIGN  # noqa: E402
+from grokalign_fast.models import mlp  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -62,11 +65,7 @@ def main():
     lines += [f"| {s} | {m:.1f} | {100 * (m - base) / base:+.2f}% |" for s, m in samples]
     drift = max(abs(m - base) / base for s, m in samples if s >= args.warmup)
     lines += ["", f"Largest change after step {args.warmup}: {100 * drift:.2f}%"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,12 @@ def ratio_table(med: Dict[str, float], names, header: str = "variant", digits: i
     rows = [f"| {header} | median ms | x plain |", "|---|---:|---:|"]
     rows += [f"| {name} | {med[name] * 1e3:.{digits}f} | {med[name] / plain:.2f} |" for name in names]
     return "\n".join(rows)
+
+
+def emit(lines, out=None) -> None:
+    """Print the markdown ``lines`` and append them to the file ``out`` when given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")

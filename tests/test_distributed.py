@@ -6,7 +6,6 @@ whole batch with the same generator seed, in float64 to 1e-10: every process dra
 batch's probes (and subsample rows) and keeps its own (:mod:`grokalign_fast._shard`), so the
 result does not depend on the number of processes.
 """
-import copy
 import os
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from utils import F64
 

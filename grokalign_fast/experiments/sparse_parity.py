@@ -23,7 +23,6 @@ Methods:
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, plotting, summary, train
+from . import common, summary, train
 from .. import models
 from ..optim import OrthoGrad
 from ..regularizer import GrokAlign
@@ -133,16 +132,7 @@ def run_one(cfg: Config, method: str, seed: int) -> Dict:
     run = train.train(model, opt, xtr, ytr, F.cross_entropy, steps=cfg.max_epochs, eval_every=evaluation_due,
                       evaluate=evaluate, regularizer=reg, grokfast=gf, log_start=False,
                       stop=lambda row: row["train_acc"] > cfg.train_level and row["test_acc"] > cfg.test_level)
-    grokked = run.stopped
-    mem = train.first_row(run.log, "train_acc", cfg.train_level)
-    return dict(method=method, seed=seed, grokked=grokked, steps_run=run.step, log=run.log,
-                grok_step=run.step if grokked else None, grok_seconds=run.seconds if grokked else None,
-                grok_cpu_seconds=run.cpu_seconds if grokked else None,
-                mem_step=mem["step"] if mem is not None else None,
-                phase_steps=(max(0, run.step - mem["step"]) if mem is not None else 0) if grokked else None,
-                phase_seconds=(max(0.0, run.seconds - mem["seconds"]) if mem is not None else 0.0) if grokked else None,
-                final_train_acc=run.log[-1]["train_acc"] if run.log else None,
-                final_test_acc=run.log[-1]["test_acc"] if run.log else None)
+    return train.grok_record(run, method, seed, cfg.train_level)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,23 +143,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> Dict:
     t0 = time.perf_counter()
     cfg = common.config_from_args(Config, QUICK, args, ("max_epochs",))
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise SystemExit(f"unknown method(s) {bad}; choose from {METHODS}")
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    out = common.out_dir(args.out, NAME)
-    runs = common.run_each(NAME, lambda method, seed: run_one(cfg, method, seed),
-                           [(m, s) for m in methods for s in range(seeds)])
-    stats = summary.summarise(runs, methods, baseline="baseline" if "baseline" in methods else None)
-    rows = [[m, f"{stats[m]['n_grokked']}/{stats[m]['n']}", summary.fmt_ms(stats[m]["steps_mean"], stats[m]["steps_std"]),
-             summary.fmt_ms(stats[m]["seconds_mean"], stats[m]["seconds_std"], 2)] for m in methods]
-    table = common.print_table(["method", "grokked", "epochs to grok", "seconds to grok"], rows,
-                               title=f"{NAME}: {cfg.parity_bits} parity + {cfg.noise_bits} noise bits, "
-                                     f"{cfg.n_samples} samples, cap {cfg.max_epochs} epochs ('not grokked' = capped)")
-    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
-    specs = [dict(title=f"{key}", xlabel="epoch", ylabel=key, series=plotting.method_series(runs, methods, key))
-             for key in ("train_acc", "test_acc")]
-    png = plotting.panels(os.path.join(out, "curves.png"), specs, title="sparse parity")
-    return common.finish(NAME, out, args, cfg, t0, ("log.csv", "curves.png"), seeds=seeds, summary=stats,
-                         table=table, plots=[png], runs=[{k: v for k, v in r.items() if k != "log"} for r in runs])
+    return summary.compare_methods(NAME, args, cfg, t0, METHODS, run_one, unit="epochs", plot_title="sparse parity",
+                                   title=f"{NAME}: {cfg.parity_bits} parity + {cfg.noise_bits} noise bits, "
+                                         f"{cfg.n_samples} samples, cap {cfg.max_epochs} epochs ('not grokked' = capped)")

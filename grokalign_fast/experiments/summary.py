@@ -8,7 +8,8 @@ runs, with at least two on each side.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import os
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .common import mean_std
 
@@ -78,3 +79,30 @@ def fmt_x(v: Optional[float]) -> str:
 
 def fmt_p(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.1e}"
+
+
+def compare_methods(name: str, args, cfg, t0: float, all_methods: Sequence[str], run_one: Callable,
+                    *, title: str, unit: str, plot_title: str) -> Dict:
+    """The tail of a grok-or-cap experiment's ``main``: run every method of ``args.methods`` for the
+    seeds (default 5, 1 with ``--quick``), summarise against ``baseline``, print the table (``unit``:
+    "steps" or "epochs"), write the log CSV and the accuracy curves, and finish."""
+    from . import common, plotting
+
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in all_methods]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; choose from {tuple(all_methods)}")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    out = common.out_dir(args.out, name)
+    runs = common.run_each(name, lambda method, seed: run_one(cfg, method, seed),
+                           [(m, s) for m in methods for s in range(seeds)])
+    stats = summarise(runs, methods, baseline="baseline" if "baseline" in methods else None)
+    rows = [[m, f"{stats[m]['n_grokked']}/{stats[m]['n']}", fmt_ms(stats[m]["steps_mean"], stats[m]["steps_std"]),
+             fmt_ms(stats[m]["seconds_mean"], stats[m]["seconds_std"], 2)] for m in methods]
+    table = common.print_table(["method", "grokked", f"{unit} to grok", "seconds to grok"], rows, title=title)
+    common.write_csv(os.path.join(out, "log.csv"), common.log_rows(runs))
+    specs = [dict(title=key, xlabel=unit.rstrip("s"), ylabel=key, series=plotting.method_series(runs, methods, key))
+             for key in ("train_acc", "test_acc")]
+    png = plotting.panels(os.path.join(out, "curves.png"), specs, title=plot_title)
+    return common.finish(name, out, args, cfg, t0, ("log.csv", "curves.png"), seeds=seeds, summary=stats,
+                         table=table, plots=[png], runs=[{k: v for k, v in r.items() if k != "log"} for r in runs])

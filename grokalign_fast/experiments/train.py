@@ -245,3 +245,19 @@ def train(
         if bar is not None:
             bar.close()
     return run
+
+
+def grok_record(run: "Run", method: str, seed: int, train_level: float, **extra) -> Dict:
+    """The record of a run that stops once grokked (``stop=`` of :func:`train`): the grokked step and
+    seconds (None when capped), the memorisation step (train accuracy above ``train_level``), the
+    phase between the two, the final accuracies, the log, and ``extra``."""
+    grokked = run.stopped
+    mem = first_row(run.log, "train_acc", train_level)
+    return dict(method=method, seed=seed, grokked=grokked, steps_run=run.step, log=run.log,
+                grok_step=run.step if grokked else None, grok_seconds=run.seconds if grokked else None,
+                grok_cpu_seconds=run.cpu_seconds if grokked else None,
+                mem_step=mem["step"] if mem is not None else None,
+                phase_steps=(max(0, run.step - mem["step"]) if mem is not None else 0) if grokked else None,
+                phase_seconds=(max(0.0, run.seconds - mem["seconds"]) if mem is not None else 0.0) if grokked else None,
+                final_train_acc=run.log[-1]["train_acc"] if run.log else None,
+                final_test_acc=run.log[-1]["test_acc"] if run.log else None, **extra)
