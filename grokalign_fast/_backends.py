@@ -52,6 +52,26 @@ def extension_ops_reason(names: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def op_unavailable_reason(ops: Tuple[str, ...], x: torch.Tensor) -> Optional[str]:
+    """None when the extension registers the ops ``ops`` (``ops[0]`` names them in the reasons) and
+    has a kernel for ``x``'s device and floating dtype, else why not: the one check of every op
+    that takes floating-point tensors on cpu or cuda."""
+    reason = extension_ops_reason(ops)
+    if reason is not None:
+        return reason
+    name = f"grokalign::{ops[0]}"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"{name} runs on cpu and cuda tensors, not {x.device.type}"
+    if x.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
+        return "the extension was built without CUDA kernels"
+    if x.dtype not in FLOAT_DTYPES:
+        return f"{name} takes float16, bfloat16, float32 or float64 tensors, not {x.dtype}"
+    return None
+
+
 def cpp_unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     """None if the C++/CUDA extension can run on ``device``, else why not."""
     reason = _load_extension()

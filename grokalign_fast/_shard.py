@@ -24,10 +24,6 @@ class RowShard:
         self.total: Optional[int] = None
         self.rows: Optional[torch.Tensor] = None
 
-    @property
-    def device(self) -> Optional[torch.device]:
-        return None if self.generator is None else self.generator.device
-
     def set(self, total: int, rows: torch.Tensor) -> None:
         self.total, self.rows = int(total), rows
 

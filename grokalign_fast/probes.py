@@ -78,11 +78,6 @@ def _load_rademacher_op():
 _RADEMACHER_OP = _load_rademacher_op()
 
 
-def _rademacher_op():
-    """``torch.ops.grokalign.rademacher_`` or None (see :func:`_load_rademacher_op`)."""
-    return _RADEMACHER_OP
-
-
 def resolve_probes(probes: str, estimator: str) -> str:
     """``"auto"``: sphere in the output space (reverse; the authors' choice), Rademacher
     in the input space (forward; Hutchinson's lowest-variance i.i.d. probes)."""
@@ -160,10 +155,10 @@ def drawer(
     # targets get correctly normalised probes.
     draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     P = num_probes
-    if kind == "rademacher" and gen_device.type == "cpu" and _rademacher_op() is not None:
+    if kind == "rademacher" and gen_device.type == "cpu" and _RADEMACHER_OP is not None:
         # The extension's one-pass fill: the same signs, ~10 us instead of ~35 us for 50 x 784.
         # Signs are exact in every floating dtype, so a CPU target is filled directly.
-        fill = _rademacher_op()
+        fill = _RADEMACHER_OP
         if device.type == "cpu":
 
             def draw(batch: int) -> torch.Tensor:

@@ -226,11 +226,12 @@ class GrokAlign(nn.Module):
         self._shard.set(m, mine)
         return (chosen[mine] - rank * batch).to(device), m
 
-    def planner(self, x: torch.Tensor) -> planning.Planner:
-        """The planner for the current settings (a new one when a setting changed since the last call)."""
+    def planner(self, x: torch.Tensor, world: Optional[Tuple[int, int]] = None) -> planning.Planner:
+        """The planner for the current settings (a new one when a setting changed since the last call);
+        ``world``: :meth:`_world`'s ``(rank, size)`` when the penalty is distributed."""
         if self.estimator == "auto":
             self.estimator = planning.auto_estimator(self.model, x)
-        generator = self.generator if self._world() is None else self._shard
+        generator = self.generator if world is None else self._shard
         settings = (self.estimator, self.backend, self.num_probes, self.probes, self.squared, id(generator),
                     self.offset > 0)
         planner = self._planner
@@ -245,7 +246,7 @@ class GrokAlign(nn.Module):
         """The plan a training call on ``x`` runs: its backend, a description, and per backend the
         reason it cannot serve (None: it can)."""
         _check_input(x)
-        return self.planner(x).plan(x)
+        return self.planner(x, self._world()).plan(x)
 
     def forward(self, x: torch.Tensor):
         if not self._penalty_active():
@@ -268,10 +269,10 @@ class GrokAlign(nn.Module):
                 out = self.model(x)
                 return out, out.new_zeros(())
         _check_input(x)
-        plan = self.planner(x).plan(x)
+        world = self._world()
+        plan = self.planner(x, world).plan(x)
         self.last_plan = plan
         factor = self.weight * self.every
-        world = self._world()
         if world is None:
             idx = self._subsample_index(x.shape[0], x.device)
             rows = x.shape[0] if idx is None else idx.shape[0]

@@ -18,22 +18,11 @@ import torch
 from ... import _backends
 
 _OPS = ("attention_jvp", "attention_jvp_backward")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(q: torch.Tensor) -> Optional[str]:
     """None when the ops can run on ``q``'s device and dtype, else why not."""
-    reason = _backends.extension_ops_reason(_OPS)
-    if reason is not None:
-        return reason
-    if q.device.type not in ("cpu", "cuda"):
-        return f"grokalign::attention_jvp runs on cpu and cuda tensors, not {q.device.type}"
-    if q.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "grokalign::attention_jvp", "CUDA"):
-        return "the extension was built without CUDA kernels"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"grokalign::attention_jvp takes float16, bfloat16, float32 or float64, not {q.dtype}"
-    return None
+    return _backends.op_unavailable_reason(_OPS, q)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -27,16 +27,7 @@ _OPS = ("dual_act", "dual_act_backward")
 
 def unavailable_reason(s: torch.Tensor) -> Optional[str]:
     """None when ``grokalign::dual_act`` can run on ``s`` (its device and dtype), else why not."""
-    reason = _backends.extension_ops_reason(_OPS)
-    if reason is not None:
-        return reason
-    if s.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("grokalign::dual_act", "CUDA"):
-        return "the extension was built without CUDA kernels"
-    if s.device.type not in ("cpu", "cuda"):
-        return f"grokalign::dual_act runs on cpu and cuda tensors, not {s.device.type}"
-    if s.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"grokalign::dual_act takes floating-point rows, not {s.dtype}"
-    return None
+    return _backends.op_unavailable_reason(_OPS, s)
 
 
 def reference(s: torch.Tensor, primal_rows: int, index: Optional[torch.Tensor], act: str, alpha: float = 0.01):

@@ -38,22 +38,11 @@ import torch
 from ... import _backends
 
 _OPS = ("dual_batch_norm_train", "dual_batch_norm_train_backward")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(s: torch.Tensor) -> Optional[str]:
     """None when ``grokalign::dual_batch_norm_train`` can run on ``s`` (its device and dtype), else why not."""
-    reason = _backends.extension_ops_reason(_OPS)
-    if reason is not None:
-        return reason
-    if s.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "grokalign::dual_batch_norm_train", "CUDA"):
-        return "the extension was built without CUDA kernels"
-    if s.device.type not in ("cpu", "cuda"):
-        return f"grokalign::dual_batch_norm_train runs on cpu and cuda tensors, not {s.device.type}"
-    if s.dtype not in _DTYPES:
-        return f"grokalign::dual_batch_norm_train takes floating-point rows, not {s.dtype}"
-    return None
+    return _backends.op_unavailable_reason(_OPS, s)
 
 
 def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],

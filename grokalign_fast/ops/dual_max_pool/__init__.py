@@ -31,17 +31,7 @@ _OPS = ("dual_max_pool", "dual_max_pool_backward")
 
 def unavailable_reason(z: torch.Tensor) -> Optional[str]:
     """None when ``grokalign::dual_max_pool`` can run on ``z`` (its device and dtype), else why not."""
-    reason = _backends.extension_ops_reason(_OPS)
-    if reason is not None:
-        return reason
-    if z.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("grokalign::dual_max_pool",
-                                                                                        "CUDA"):
-        return "the extension was built without CUDA kernels"
-    if z.device.type not in ("cpu", "cuda"):
-        return f"grokalign::dual_max_pool runs on cpu and cuda tensors, not {z.device.type}"
-    if z.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"grokalign::dual_max_pool takes floating-point rows, not {z.dtype}"
-    return None
+    return _backends.op_unavailable_reason(_OPS, z)
 
 
 def reference(z: torch.Tensor, idx: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
