@@ -14,8 +14,8 @@ Backends (``backend=``), fastest first:
   activations); for any other model (or where the fused ops cannot serve, e.g. the offset term) the
   dual-stream engine (:func:`~grokalign_fast.dual.engine.run`) with the extension's epilogues where
   they apply (``grokalign::dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``,
-  ``probe_sqnorm``; ``plan.counts`` shows them as ``"relu[cpp]"``, ``"max_pool[cpp]"``,
-  ``"batch_norm[cpp]"``, ...). Reverse estimator: ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
+  ``attention_jvp`` from 64 keys up, ``probe_sqnorm``; ``plan.counts`` shows them as ``"relu[cpp]"``,
+  ``"max_pool[cpp]"``, ``"attention[cpp]"``, ...). Reverse estimator: ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
 - ``"triton"``: the forward estimator's per-layer Triton kernels, for MLP chains. ``"auto"`` never
   picks them under Triton's CPU interpreter.
 - ``"dual"``: one pass without double backward, in plain PyTorch. Forward estimator: the
