@@ -40,6 +40,8 @@ def _nvidia_include_dirs():
 def extensions():
     use_cuda = _cuda_wanted()
     sources = [os.path.join("csrc", "grokalign.cpp"), os.path.join("csrc", "_C.cpp")]
+    # csrc/autograd: device-agnostic autograd kernels, in every build; csrc/cpu, csrc/cuda: per device.
+    sources += sorted(glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]
     extra = {"cxx": cxx}

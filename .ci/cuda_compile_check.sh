@@ -168,7 +168,7 @@ def implemented(path):
     return ops
 
 
-cpu = sorted({n for f in glob.glob("csrc/cpu/*.cpp") for n in implemented(f)})
+cpu = sorted({n for f in glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp") for n in implemented(f)})
 cuda = sorted({n for f in glob.glob("csrc/cuda/*.cu") for n in implemented(f)})
 print(f"  registration helpers in csrc/common: {helpers or 'none'}")
 if not declared:

@@ -5,7 +5,7 @@ Python side of the ops ``torch.ops.grokalign.dual_linear`` and
 kernels in ``csrc/cpu/dual_linear_cpu.cpp`` and ``csrc/cuda/dual_linear_cuda.cu``):
 fake implementations for torch.compile and the backend
 entry points used by :mod:`.function`. The autograd formulas are C++
-(``csrc/cpu/dual_linear_autograd.cpp``, a ``torch::autograd::Function`` per op
+(``csrc/autograd/dual_linear_autograd.cpp``, a ``torch::autograd::Function`` per op
 registered for the Autograd key): a Python ``register_autograd`` formula costs
 ~0.15-0.2 ms per layer on a 2-core CPU, 7% of a small MLP's training step.
 

@@ -2,8 +2,8 @@
 //
 // Device-agnostic: the forward and backward ops are called below autograd and
 // the dispatcher sends them to the CPU or CUDA kernels (or to the fake kernels
-// registered in Python while torch.compile traces). The file sits in csrc/cpu/
-// because setup.py compiles csrc/cpu/*.cpp into every build.
+// registered in Python while torch.compile traces). setup.py and CMake compile
+// csrc/autograd/*.cpp into every build.
 //
 // Why C++ rather than torch.library.register_autograd: the Python autograd
 // path costs ~0.15-0.2 ms per layer (forward + backward) on the 2-core CI
