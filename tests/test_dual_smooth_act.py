@@ -59,6 +59,19 @@ def test_odd_shapes(shape):
         assert a.shape == b.shape and max_rel_err(a, b) < F64["rtol"]
 
 
+@pytest.mark.parametrize("act", list(D.ACT))
+@pytest.mark.parametrize("P,n", [(2, 20011), (701, 37)], ids=["rows-longer-than-a-tile", "tiles-across-rows"])
+def test_tiles(act, P, n):
+    """The CPU kernel walks the primal entries in tiles of 2^14 (a row split over tiles, or a tile over
+    many rows, split between threads): values and gradient still equal the reference, float64, with a
+    subsample riding on the first and last rows."""
+    index = torch.tensor([P - 1, 0, P - 1])
+    s = _rows(P, 2, 3, n)
+    got, want = _both(s, P, index, act)
+    for a, b in zip(got, want):
+        assert max_rel_err(a, b) < F64["rtol"]
+
+
 def test_noncontiguous_rows():
     s = _rows(4, 2, 4, 10)
     rows = s[:, ::2]

@@ -1,7 +1,10 @@
 // CPU kernels of grokalign::dual_smooth_act and grokalign::dual_smooth_act_backward (schemas in
-// csrc/grokalign.cpp; the math in csrc/common/dual_smooth_act.h). Both passes run over the primal
-// rows: each evaluates s' (and s'') of its primal row once, into a row buffer in the accumulation
-// type, and then serves the tangent rows riding on it, so no transcendental is computed per
+// csrc/grokalign.cpp; the math in csrc/common/dual_smooth_act.h). Both passes walk the primal rows'
+// values in tiles of kTile contiguous entries (a tile may span rows or part of one). Per tile:
+// the activation's arguments (Stage<A>::args), its transcendental functions by ATen's vectorised
+// kernels on the tile's buffers (erf_, exp_, tanh_, ...: an ATen call per function and tile, not a
+// scalar libm call per entry), then s' (and s'') in arithmetic into a tile buffer in the accumulation
+// type, which serves the tangent rows riding on the tile's rows. No transcendental is computed per
 // tangent entry and no slope tensor is made or saved.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -9,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -20,15 +24,69 @@ namespace grokalign {
 namespace {
 
 using at::Tensor;
+namespace sa = dual_smooth_act;
 
-// The rows' grain for work proportional to n (1 + riders per primal row) per primal row.
-int64_t grain(int64_t n, int64_t P, int64_t N) {
-  return row_passes::grain_rows(n * ((N + P - 1) / P));
+// Entries per tile: the tile's buffers (up to five of them) stay in L2, and the per-tile ATen calls
+// (a few microseconds each) are amortised over 16k entries.
+constexpr int64_t kTile = int64_t{1} << 14;
+
+// x <- F(x) over a buffer of m entries, by ATen's vectorised CPU kernel (in place; called inside
+// at::parallel_for, where ATen runs it on the calling thread).
+template <int F, typename T>
+void transform_block(T* x, int64_t m) {
+  if constexpr (F == sa::kNone) return;
+  Tensor t = at::from_blob(x, {m}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  if constexpr (F == sa::kErf) t.erf_();
+  else if constexpr (F == sa::kExp) t.exp_();
+  else if constexpr (F == sa::kTanh) t.tanh_();
+  else if constexpr (F == sa::kSigmoid) t.sigmoid_();
+  else if constexpr (F == sa::kExpm1) t.expm1_();
+  else if constexpr (F == sa::kLog1pExp) t.exp_().log1p_();
+}
+
+// The tile [e0, e0 + m) of the primal block's entries z: y (if Y, written to y_out), d1 and (if D2) d2
+// into the tile buffers, in the accumulation type acc_t.
+template <int A, bool Y, bool D2, typename scalar_t, typename acc_t>
+void tile_slopes(const scalar_t* z, int64_t m, const sa::Params<acc_t>& prm, acc_t* u, acc_t* v, scalar_t* y_out,
+                 acc_t* d1, acc_t* d2) {
+  using S = sa::Stage<A>;
+  constexpr bool U = sa::uses_u<A, Y, true, D2>(), V = sa::uses_v<A, Y, true, D2>();
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t a = 0, b = 0;
+    S::args(static_cast<acc_t>(z[i]), prm, a, b);
+    u[i] = a;
+    v[i] = b;
+  }
+  if constexpr (U) transform_block<S::U>(u, m);
+  if constexpr (V) transform_block<S::V>(v, m);
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t y = 0, s1 = 0, s2 = 0;
+    S::template combine<Y, true, D2>(static_cast<acc_t>(z[i]), u[i], v[i], prm, y, s1, s2);
+    if constexpr (Y) y_out[i] = static_cast<scalar_t>(y);
+    d1[i] = s1;
+    if constexpr (D2) d2[i] = s2;
+  }
+}
+
+// Calls f(p, c0, c1) for every primal row p meeting the tile [e0, e1) of the primal block (rows of n
+// entries), with [c0, c1) the tile's columns of that row.
+template <typename F>
+void for_each_row_piece(int64_t e0, int64_t e1, int64_t n, F&& f) {
+  for (int64_t p = e0 / n; p * n < e1; ++p) {
+    const int64_t c0 = std::max(e0, p * n) - p * n, c1 = std::min(e1, (p + 1) * n) - p * n;
+    f(p, c0, c1);
+  }
+}
+
+// The grain of the primal block's entries for work proportional to 1 + riders per primal entry.
+int64_t grain(int64_t P, int64_t N) {
+  const int64_t per = std::max<int64_t>(1, row_passes::grain_elems() / ((N + P - 1) / P));
+  return (per + kTile - 1) / kTile * kTile;
 }
 
 Tensor dual_smooth_act_cpu(const Tensor& s_in, int64_t P, const std::optional<Tensor>& index_in, int64_t act,
                            double alpha, double beta, double threshold) {
-  const int64_t R = dual_smooth_act::check("dual_smooth_act", s_in, P, index_in, act);
+  const int64_t R = sa::check("dual_smooth_act", s_in, P, index_in, act);
   const Tensor s = s_in.contiguous();
   const std::optional<Tensor> index = stacked_rows::checked_index("dual_smooth_act", index_in, P);
   const auto [offsets, rows] = stacked_rows::riders(index, P);
@@ -39,27 +97,24 @@ Tensor dual_smooth_act_cpu(const Tensor& s_in, int64_t P, const std::optional<Te
   const int64_t* op_rows = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dual_smooth_act_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const dual_smooth_act::Params<acc_t> prm{static_cast<acc_t>(alpha), static_cast<acc_t>(beta),
-                                             static_cast<acc_t>(threshold)};
+    const sa::Params<acc_t> prm{static_cast<acc_t>(alpha), static_cast<acc_t>(beta), static_cast<acc_t>(threshold)};
     const scalar_t* sp = s.data_ptr<scalar_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    dual_smooth_act::dispatch(act, [&](auto a) {
+    sa::dispatch(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
-      at::parallel_for(0, P, grain(n, P, N), [&](int64_t p0, int64_t p1) {
-        std::vector<acc_t> d1(n);
-        acc_t unused = 0;
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* z = sp + p * n;
-          scalar_t* y = outp + p * n;
-          for (int64_t i = 0; i < n; ++i) {
-            acc_t v;
-            dual_smooth_act::eval<A, true, true, false>(static_cast<acc_t>(z[i]), prm, v, d1[i], unused);
-            y[i] = static_cast<scalar_t>(v);
-          }
-          stacked_rows::for_each_rider(p, K, R, op_off, op_rows, [&](int64_t j) {
-            const scalar_t* __restrict__ t = sp + (P + j) * n;
-            scalar_t* __restrict__ o = outp + (P + j) * n;
-            for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(t[i]) * d1[i]);
+      at::parallel_for(0, P * n, grain(P, N), [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> buf(3 * kTile);
+        acc_t *u = buf.data(), *v = u + kTile, *d1 = v + kTile;
+        for (int64_t e0 = b0; e0 < b1; e0 += kTile) {
+          const int64_t e1 = std::min(b1, e0 + kTile);
+          tile_slopes<A, true, false>(sp + e0, e1 - e0, prm, u, v, outp + e0, d1, static_cast<acc_t*>(nullptr));
+          for_each_row_piece(e0, e1, n, [&](int64_t p, int64_t c0, int64_t c1) {
+            const acc_t* __restrict__ d = d1 + (p * n + c0 - e0);
+            stacked_rows::for_each_rider(p, K, R, op_off, op_rows, [&](int64_t j) {
+              const scalar_t* __restrict__ t = sp + (P + j) * n + c0;
+              scalar_t* __restrict__ o = outp + (P + j) * n + c0;
+              for (int64_t i = 0; i < c1 - c0; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(t[i]) * d[i]);
+            });
           });
         }
       });
@@ -71,8 +126,8 @@ Tensor dual_smooth_act_cpu(const Tensor& s_in, int64_t P, const std::optional<Te
 Tensor dual_smooth_act_backward_cpu(const Tensor& grad_in, const Tensor& s_in, int64_t P,
                                     const std::optional<Tensor>& index_in, int64_t act, double alpha, double beta,
                                     double threshold) {
-  const int64_t R = dual_smooth_act::check("dual_smooth_act_backward", s_in, P, index_in, act);
-  dual_smooth_act::check_grad(grad_in, s_in);
+  const int64_t R = sa::check("dual_smooth_act_backward", s_in, P, index_in, act);
+  sa::check_grad(grad_in, s_in);
   const Tensor s = s_in.contiguous();
   const Tensor grad = grad_in.contiguous();
   const std::optional<Tensor> index = stacked_rows::checked_index("dual_smooth_act_backward", index_in, P);
@@ -84,37 +139,37 @@ Tensor dual_smooth_act_backward_cpu(const Tensor& grad_in, const Tensor& s_in, i
   const int64_t* op_rows = rows.defined() ? rows.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dual_smooth_act_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const dual_smooth_act::Params<acc_t> prm{static_cast<acc_t>(alpha), static_cast<acc_t>(beta),
-                                             static_cast<acc_t>(threshold)};
+    const sa::Params<acc_t> prm{static_cast<acc_t>(alpha), static_cast<acc_t>(beta), static_cast<acc_t>(threshold)};
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    dual_smooth_act::dispatch(act, [&](auto a) {
+    sa::dispatch(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
-      at::parallel_for(0, P, grain(n, P, N), [&](int64_t p0, int64_t p1) {
-        std::vector<acc_t> d1(n), d2(n), gt(n);  // s'(z_p), s''(z_p), sum over the riders of g_j t_j
-        acc_t unused = 0;
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* z = sp + p * n;
-          for (int64_t i = 0; i < n; ++i) {
-            dual_smooth_act::eval<A, false, true, true>(static_cast<acc_t>(z[i]), prm, unused, d1[i], d2[i]);
-            gt[i] = acc_t(0);
-          }
-          stacked_rows::for_each_rider(p, K, R, op_off, op_rows, [&](int64_t j) {
-            const scalar_t* __restrict__ g = gp + (P + j) * n;
-            const scalar_t* __restrict__ t = sp + (P + j) * n;
-            scalar_t* __restrict__ o = outp + (P + j) * n;
-            for (int64_t i = 0; i < n; ++i) {
-              const acc_t gv = static_cast<acc_t>(g[i]);
-              gt[i] += gv * static_cast<acc_t>(t[i]);
-              o[i] = static_cast<scalar_t>(gv * d1[i]);
-            }
+      at::parallel_for(0, P * n, grain(P, N), [&](int64_t b0, int64_t b1) {
+        // u, v: the stages' buffers; d1, d2: s'(z), s''(z); gt: the sum over the riders of g_j t_j.
+        std::vector<acc_t> buf(5 * kTile);
+        acc_t *u = buf.data(), *v = u + kTile, *d1 = v + kTile, *d2 = d1 + kTile, *gt = d2 + kTile;
+        for (int64_t e0 = b0; e0 < b1; e0 += kTile) {
+          const int64_t e1 = std::min(b1, e0 + kTile), m = e1 - e0;
+          tile_slopes<A, false, true>(sp + e0, m, prm, u, v, static_cast<scalar_t*>(nullptr), d1, d2);
+          std::fill(gt, gt + m, acc_t(0));
+          for_each_row_piece(e0, e1, n, [&](int64_t p, int64_t c0, int64_t c1) {
+            const acc_t* __restrict__ d = d1 + (p * n + c0 - e0);
+            acc_t* __restrict__ acc = gt + (p * n + c0 - e0);
+            stacked_rows::for_each_rider(p, K, R, op_off, op_rows, [&](int64_t j) {
+              const scalar_t* __restrict__ g = gp + (P + j) * n + c0;
+              const scalar_t* __restrict__ t = sp + (P + j) * n + c0;
+              scalar_t* __restrict__ o = outp + (P + j) * n + c0;
+              for (int64_t i = 0; i < c1 - c0; ++i) {
+                const acc_t gv = static_cast<acc_t>(g[i]);
+                acc[i] += gv * static_cast<acc_t>(t[i]);
+                o[i] = static_cast<scalar_t>(gv * d[i]);
+              }
+            });
           });
-          const scalar_t* g = gp + p * n;
-          scalar_t* o = outp + p * n;
-          for (int64_t i = 0; i < n; ++i) {
-            o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * d1[i] + d2[i] * gt[i]);
-          }
+          const scalar_t* g = gp + e0;
+          scalar_t* o = outp + e0;
+          for (int64_t i = 0; i < m; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * d1[i] + d2[i] * gt[i]);
         }
       });
     });
