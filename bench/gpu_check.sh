@@ -10,7 +10,9 @@
 #    over the devices present, so the CUDA kernels and the compiled Triton kernels are tested there
 #    by the same tests as the CPU path (dry run: tests/test_dual_act.py only);
 # 3. bench/gpu_layers.py: the fused layers against cuBLAS GEMMs of the same stacked size;
-# 4. bench/gpu_steps.py: whole training steps (MLP, cnn6, GPT; float32 and bf16 autocast) against
+# 4. bench/gpu_attention.py: the JVP attention op's forward against FlashAttention's (SDPA) and
+#    jvp-flash-attention's (when installed), forward + backward against SDPA's;
+# 5. bench/gpu_steps.py: whole training steps (MLP, cnn6, GPT; float32 and bf16 autocast) against
 #    plain steps, after a float64 check of each model's fused path against the reference.
 # Every table goes to OUT.md (default gpu_check.md); the script stops at the first failure.
 set -euo pipefail
@@ -31,6 +33,7 @@ if ((DRY)); then
   export TRITON_INTERPRET=1
   DEVICE=cpu
   LAYERS_ARGS=(--device cpu --quick --reps 1)
+  ATTN_ARGS=(--device cpu --quick --reps 1)
   STEPS_ARGS=(--device cpu --quick --rounds 1)
   TESTS=(tests/test_dual_act.py)
 else
@@ -41,6 +44,7 @@ else
   TORCH_CUDA_ARCH_LIST=$ARCH GROKALIGN_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py build_ext --inplace -q
   "$PY" -c "import torch, grokalign_fast._C; assert torch._C._dispatch_has_kernel_for_dispatch_key('grokalign::dual_act', 'CUDA')"
   LAYERS_ARGS=(--reps 100)
+  ATTN_ARGS=(--reps 50)
   STEPS_ARGS=(--rounds 30)
   TESTS=(tests)
 fi
@@ -53,6 +57,8 @@ log "tests: ${TESTS[*]}"
 "$PY" -m pytest -q -x "${TESTS[@]}" | tail -3 | tee -a "$OUT"
 log "fused layers against cuBLAS"
 "$PY" bench/gpu_layers.py "${LAYERS_ARGS[@]}" --out "$OUT"
+log "JVP attention against FlashAttention"
+"$PY" bench/gpu_attention.py "${ATTN_ARGS[@]}" --out "$OUT"
 for dtype in float32 bfloat16; do
   log "training steps ($dtype)"
   "$PY" bench/gpu_steps.py "${STEPS_ARGS[@]}" --dtype "$dtype" --out "$OUT"

@@ -65,4 +65,5 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
     assert "passed" in text and "| cpp | float32 | relu |" in text
+    assert "| float32 | 37 | cpp P=1 |" in text and "| float32 | 37 | triton P=4 |" in text
     assert text.count("| gpt |") == 2  # float32 and bfloat16 steps
