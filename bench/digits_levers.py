@@ -82,9 +82,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("variant")
     ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--max-steps", type=int, default=None, help="step cap (default: the experiment's, 60000)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = configure(args.variant, grok_digits.Config())
+    if args.max_steps is not None:
+        cfg.max_steps = args.max_steps
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         run = grok_digits.run_one(cfg, "grokalign", seed)

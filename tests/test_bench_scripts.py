@@ -67,3 +67,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert "passed" in text and "| cpp | float32 | relu |" in text
     assert "| float32 | 37 | cpp P=1 |" in text and "| float32 | 37 | triton P=4 |" in text
     assert text.count("| gpt |") == 2  # float32 and bfloat16 steps
+
+
+def test_digits_levers_runs():
+    """The script runs a scheduled variant to its step cap and prints the capped run as not grokked (None)."""
+    out = _run("bench/digits_levers.py", "decay:50:0.5", "--seeds", "0", "--max-steps", "100")
+    assert out.strip().splitlines()[-1] == "decay:50:0.5 [(None, None)]"
