@@ -26,7 +26,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _triton_rows as rows
-from ..mlp.triton import _span
 from . import ACT
 
 try:
@@ -50,8 +49,8 @@ def _dual_act_fwd_kernel(
     then ``out_j = t_j d`` for every rider j of those rows (``OFF``: d where ``z <= 0``)."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rp = _span(pid_r * BR, BR)
-    cols = _span(pid_n * BN, BN)
+    rp = pid_r * BR + tl.arange(0, BR).to(tl.int64)  # int64: row * n may pass 2^31
+    cols = pid_n * BN + tl.arange(0, BN).to(tl.int64)
     r_ok = rp < P
     c_ok = cols < n
     ok = r_ok[:, None] & c_ok[None, :]
@@ -90,8 +89,8 @@ def _dual_act_bwd_kernel(
     """The same tile: ``grad = g d`` on the primal rows and their riders, d from the saved mask."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rp = _span(pid_r * BR, BR)
-    cols = _span(pid_n * BN, BN)
+    rp = pid_r * BR + tl.arange(0, BR).to(tl.int64)  # int64: row * n may pass 2^31
+    cols = pid_n * BN + tl.arange(0, BN).to(tl.int64)
     r_ok = rp < P
     c_ok = cols < n
     ok = r_ok[:, None] & c_ok[None, :]

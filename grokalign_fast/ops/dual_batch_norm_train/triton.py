@@ -16,8 +16,8 @@ the variance free of cancellation when ``|mean| >> std``); torch adds the splits
 (the same grid over all N rows) sums ``g`` and ``g (z - mean)`` over the primal rows and ``g t``
 over the tangent rows. ``_apply_kernel`` is the elementwise pass of either direction over the
 flattened ``[N, C, L]`` buffer, reading the per-channel values (``[C]``, cached). A program of the
-two reductions covers ``BC`` channels x ``BL`` positions of a row per step (``BC`` > 1 where ``L``
-is short, so that the loads stay coalesced across channels). Sums are float32 (float64 for float64
+two reductions covers ``BC`` channels x ``BLK`` consecutive (row, position) pairs per step (see the
+tiling note below: wide where ``L`` is short, so that the loads stay coalesced). Sums are float32 (float64 for float64
 rows); ``eps`` is a compile-time constant (exact in float64). Offsets are int64.
 
 Bytes moved per entry of ``s`` (the floor, ``e`` the element size, a fraction ``f = P / N`` of
@@ -36,7 +36,6 @@ from torch.autograd.function import once_differentiable
 
 from ... import _backends
 from .. import _triton_rows as rows
-from ..mlp.triton import _span
 from . import update_running_stats
 
 try:
@@ -51,49 +50,50 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
         return fn
 
 
-# Tiling. The reductions: a program covers BC x BL entries per step, BL up to 1024 positions of a
-# row (coalesced), BC = 2048 / BL channels where the rows are short (BatchNorm1d: L = 1), and its
-# split of SPLIT_ROWS rows; the splits are chosen for _WAVES = 2 programs per SM, each split at
-# least _MIN_SPLIT_ELEMS = 16384 entries per channel block (so that its float partials, written
-# once and read once, stay a small share of the bytes it reads). The elementwise pass: _APPLY_BLOCK
-# = 2048 entries per program. Under the interpreter the blocks are small (BL <= 16, BC <= 4,
-# _INTERPRETED_APPLY = 64) and the splits fixed at _INTERPRETED_SPLIT = 3, so that the tests' odd
-# shapes cross block and split boundaries.
-_ELEMS, _MAX_BL, _WAVES, _MIN_SPLIT_ELEMS, _APPLY_BLOCK = 2048, 1024, 2, 16384, 2048
-_INTERPRETED_BL, _INTERPRETED_BC, _INTERPRETED_APPLY, _INTERPRETED_SPLIT = 16, 4, 64, 3
+# Tiling. A program of the two reductions owns BC channels and one split of the channel's values
+# (flat positions i = row * L + l, SPLIT_LEN of them, a multiple of BLK), and covers a [BC, BLK] tile
+# per step, BC * BLK = _ELEMS = 2048 entries: BLK spans 4 rows' worth of positions (up to 1024) and
+# BC fills the rest, so that a tile is a few runs of contiguous memory whatever L is (BatchNorm1d:
+# L = 1, 512 channels of 4 rows; a 32 x 32 map: 2 channels of one row). The splits are chosen for
+# _WAVES = 2 programs per SM, each at least _MIN_SPLIT_ELEMS = 16384 entries (so that its float
+# partials, written once and read once, are a small share of the bytes it reads). The elementwise
+# pass: _APPLY_BLOCK = 2048 entries per program. Under the interpreter the tiles are small
+# (BC <= 4, BLK = 16, _INTERPRETED_APPLY = 128 entries) and the splits fixed at
+# _INTERPRETED_SPLIT = 3, so that the tests' odd shapes cross tile, split and row boundaries.
+_ELEMS, _MAX_RUN, _WAVES, _MIN_SPLIT_ELEMS, _APPLY_BLOCK = 2048, 1024, 2, 16384, 2048
+_INTERPRETED_BC, _INTERPRETED_BLK, _INTERPRETED_APPLY, _INTERPRETED_SPLIT = 4, 16, 128, 3
 
 
 @_jit
 def _stats_kernel(
-    s_ptr, part_ptr, C, L, CL, ROWS, SPLIT_ROWS,
-    ACC_FP64: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
+    s_ptr, part_ptr, C, L, CL, LEN, SPLIT_LEN,
+    ACC_FP64: tl.constexpr, BC: tl.constexpr, BLK: tl.constexpr,
 ):
-    """Split ``pid_s`` (rows ``[pid_s SPLIT_ROWS, +SPLIT_ROWS)`` of the ``ROWS`` primal rows) of
-    channels ``[pid_c BC, +BC)``: ``sum (z - c)`` and ``sum (z - c)^2`` (``c = s[0, channel, 0]``)
-    into ``part[0, pid_s]`` and ``part[1, pid_s]`` (``part: [2, SPLIT, C]``)."""
+    """Split ``pid_s`` (flat positions ``[pid_s SPLIT_LEN, +SPLIT_LEN)`` of the ``LEN = P L`` primal
+    values of a channel, position i at row ``i // L``, column ``i % L``) of channels
+    ``[pid_c BC, +BC)``: ``sum (z - c)`` and ``sum (z - c)^2`` (``c = s[0, channel, 0]``) into
+    ``part[0, pid_s]`` and ``part[1, pid_s]`` (``part: [2, SPLIT, C]``)."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    ch = _span(pid_c * BC, BC)
+    ch = pid_c * BC + tl.arange(0, BC).to(tl.int64)
     ch_ok = ch < C
-    pos = _span(0, BL)
     shift = tl.load(s_ptr + ch * L, mask=ch_ok, other=0.0).to(acc_dtype)
-    s1 = tl.zeros((BC, BL), acc_dtype)
-    s2 = tl.zeros((BC, BL), acc_dtype)
-    lo = pid_s * SPLIT_ROWS
-    hi = tl.minimum(lo + SPLIT_ROWS, ROWS)
-    base = lo.to(tl.int64) * CL + ch * L  # the row's channel starts, advanced one row (CL entries) a step
-    for _ in range(lo, hi):
-        for l0 in range(0, L, BL):
-            ok = ch_ok[:, None] & ((l0 + pos) < L)[None, :]
-            x = tl.load(s_ptr + base[:, None] + (l0 + pos)[None, :], mask=ok, other=0.0).to(acc_dtype)
-            d = tl.where(ok, x - shift[:, None], 0.0)
-            s1 += d
-            s2 += d * d
-        base += CL
+    s1 = tl.zeros((BC, BLK), acc_dtype)
+    s2 = tl.zeros((BC, BLK), acc_dtype)
+    lo = pid_s.to(tl.int64) * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, LEN)
+    for i0 in range(lo, hi, BLK):
+        i = i0 + tl.arange(0, BLK).to(tl.int64)
+        r = i // L
+        ok = ch_ok[:, None] & (i < hi)[None, :]
+        x = tl.load(s_ptr + (ch * L)[:, None] + (r * CL + (i - r * L))[None, :], mask=ok, other=0.0)
+        d = tl.where(ok, x.to(acc_dtype) - shift[:, None], 0.0)
+        s1 += d
+        s2 += d * d
     split = tl.num_programs(1)
     tl.store(part_ptr + pid_s * C + ch, tl.sum(s1, axis=1), mask=ch_ok)
     tl.store(part_ptr + (split + pid_s) * C + ch, tl.sum(s2, axis=1), mask=ch_ok)
@@ -101,46 +101,39 @@ def _stats_kernel(
 
 @_jit
 def _backward_sums_kernel(
-    g_ptr, s_ptr, mean_ptr, part_ptr, C, L, CL, N, P, SPLIT_ROWS,
-    ACC_FP64: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
+    g_ptr, s_ptr, mean_ptr, part_ptr, C, L, CL, LEN, PRIMAL_LEN, SPLIT_LEN,
+    ACC_FP64: tl.constexpr, BC: tl.constexpr, BLK: tl.constexpr,
 ):
-    """Split ``pid_s`` (rows ``[pid_s SPLIT_ROWS, +SPLIT_ROWS)`` of all N rows) of channels
-    ``[pid_c BC, +BC)``: ``sum g`` and ``sum g (z - mean)`` over its primal rows and ``sum g t``
-    over its tangent rows into ``part[0..2, pid_s]`` (``part: [3, SPLIT, C]``)."""
+    """Split ``pid_s`` (flat positions of all ``LEN = N L`` values of a channel, the first
+    ``PRIMAL_LEN = P L`` on the primal rows) of channels ``[pid_c BC, +BC)``: ``sum g`` and
+    ``sum g (z - mean)`` over the primal positions and ``sum g t`` over the tangent ones into
+    ``part[0..2, pid_s]`` (``part: [3, SPLIT, C]``)."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     if ACC_FP64:
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    ch = _span(pid_c * BC, BC)
+    ch = pid_c * BC + tl.arange(0, BC).to(tl.int64)
     ch_ok = ch < C
-    pos = _span(0, BL)
     mean = tl.load(mean_ptr + ch, mask=ch_ok, other=0.0).to(acc_dtype)
-    sum_g = tl.zeros((BC, BL), acc_dtype)
-    dot = tl.zeros((BC, BL), acc_dtype)
-    sum_gt = tl.zeros((BC, BL), acc_dtype)
-    lo = pid_s * SPLIT_ROWS
-    hi = tl.minimum(lo + SPLIT_ROWS, N)
-    base = lo.to(tl.int64) * CL + ch * L
-    for _ in range(lo, tl.minimum(hi, P)):  # primal rows
-        for l0 in range(0, L, BL):
-            ok = ch_ok[:, None] & ((l0 + pos) < L)[None, :]
-            offs = base[:, None] + (l0 + pos)[None, :]
-            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
-            z = tl.load(s_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
-            sum_g += g
-            dot += g * (z - mean[:, None])
-        base += CL
-    first = tl.maximum(lo, P)
-    base = first.to(tl.int64) * CL + ch * L
-    for _ in range(first, hi):  # tangent rows
-        for l0 in range(0, L, BL):
-            ok = ch_ok[:, None] & ((l0 + pos) < L)[None, :]
-            offs = base[:, None] + (l0 + pos)[None, :]
-            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
-            sum_gt += g * tl.load(s_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
-        base += CL
+    sum_g = tl.zeros((BC, BLK), acc_dtype)
+    dot = tl.zeros((BC, BLK), acc_dtype)
+    sum_gt = tl.zeros((BC, BLK), acc_dtype)
+    lo = pid_s.to(tl.int64) * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, LEN)
+    for i0 in range(lo, hi, BLK):
+        i = i0 + tl.arange(0, BLK).to(tl.int64)
+        r = i // L
+        ok = ch_ok[:, None] & (i < hi)[None, :]
+        offs = (ch * L)[:, None] + (r * CL + (i - r * L))[None, :]
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+        x = tl.load(s_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+        primal = (i < PRIMAL_LEN)[None, :]
+        g_p = tl.where(primal, g, 0.0)
+        sum_g += g_p
+        dot += g_p * (x - mean[:, None])
+        sum_gt += tl.where(primal, 0.0, g * x)
     split = tl.num_programs(1)
     tl.store(part_ptr + pid_s * C + ch, tl.sum(sum_g, axis=1), mask=ch_ok)
     tl.store(part_ptr + (split + pid_s) * C + ch, tl.sum(dot, axis=1), mask=ch_ok)
@@ -162,7 +155,7 @@ def _apply_kernel(
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    i = _span(pid * BLOCK, BLOCK)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     ok = i < total
     c = (i // L) % C
     primal = i < primal_end
@@ -196,24 +189,24 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _tiles(C: int, L: int):
-    """``(BC, BL)`` of the two reductions."""
-    interpreted = _backends.triton_interpreted()
-    bl = min(triton.next_power_of_2(max(L, 1)), _INTERPRETED_BL if interpreted else _MAX_BL)
-    bc = min(triton.next_power_of_2(max(C, 1)), max(1, _ELEMS // bl), _INTERPRETED_BC if interpreted else _ELEMS)
-    return bc, bl
+    """``(BC, BLK)`` of the two reductions (see the tiling note above)."""
+    if _backends.triton_interpreted():
+        return min(triton.next_power_of_2(max(C, 1)), _INTERPRETED_BC), _INTERPRETED_BLK
+    run = min(4 * triton.next_power_of_2(max(L, 1)), _MAX_RUN)
+    bc = min(triton.next_power_of_2(max(C, 1)), max(1, _ELEMS // run))
+    return bc, _ELEMS // bc
 
 
-def _split(rows_: int, C: int, L: int, bc: int, device: torch.device):
-    """``(SPLIT, SPLIT_ROWS)``: the reduction over ``rows_`` rows in SPLIT programs per channel block."""
+def _split(length: int, C: int, bc: int, blk: int, device: torch.device):
+    """``(SPLIT, SPLIT_LEN)``: a reduction over ``length`` positions per channel in SPLIT programs per
+    channel block, SPLIT_LEN positions each (a multiple of ``blk``)."""
     if _backends.triton_interpreted():
         split = _INTERPRETED_SPLIT
     else:
-        blocks = triton.cdiv(C, bc)
-        per_row = bc * L
-        split = min(triton.cdiv(_WAVES * _sm_count(device), blocks), max(1, rows_ * per_row // _MIN_SPLIT_ELEMS))
-    split = max(1, min(split, rows_))
-    split_rows = triton.cdiv(rows_, split)
-    return triton.cdiv(rows_, split_rows), split_rows
+        split = min(triton.cdiv(_WAVES * _sm_count(device), triton.cdiv(C, bc)),
+                    max(1, length * bc // _MIN_SPLIT_ELEMS))
+    split_len = triton.cdiv(triton.cdiv(length, max(1, split)), blk) * blk
+    return triton.cdiv(length, split_len), split_len
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -242,11 +235,11 @@ class _DualBatchNormTrainFunction(torch.autograd.Function):
         acc = torch.float64 if s.dtype == torch.float64 else torch.float32
         stat = _stat_dtype(s.dtype)
         if n and C:
-            bc, bl = _tiles(C, L)
-            split, split_rows = _split(P, C, L, bc, s.device)
+            bc, blk = _tiles(C, L)
+            split, split_len = _split(n, C, bc, blk, s.device)
             part = torch.empty(2, split, C, device=s.device, dtype=acc)
-            _stats_kernel[(triton.cdiv(C, bc), split)](s, part, C, L, C * L, P, split_rows,
-                                                       ACC_FP64=acc == torch.float64, BC=bc, BL=bl)
+            _stats_kernel[(triton.cdiv(C, bc), split)](s, part, C, L, C * L, n, split_len,
+                                                       ACC_FP64=acc == torch.float64, BC=bc, BLK=blk)
             s1, s2 = (part.sum(1) / n).unbind(0)
             mean = (s[0, :, 0].to(acc) + s1).to(stat)
             var = (s2 - s1 * s1).clamp_min(0).to(stat)
@@ -273,11 +266,11 @@ class _DualBatchNormTrainFunction(torch.autograd.Function):
         n = P * L
         acc = torch.float64 if s.dtype == torch.float64 else torch.float32
         if N * C * L:
-            bc, bl = _tiles(C, L)
-            split, split_rows = _split(N, C, L, bc, s.device)
+            bc, blk = _tiles(C, L)
+            split, split_len = _split(N * L, C, bc, blk, s.device)
             part = torch.empty(3, split, C, device=s.device, dtype=acc)
-            _backward_sums_kernel[(triton.cdiv(C, bc), split)](g, s, mean, part, C, L, C * L, N, P, split_rows,
-                                                              ACC_FP64=acc == torch.float64, BC=bc, BL=bl)
+            _backward_sums_kernel[(triton.cdiv(C, bc), split)](g, s, mean, part, C, L, C * L, N * L, n, split_len,
+                                                              ACC_FP64=acc == torch.float64, BC=bc, BLK=blk)
             sum_g, dot, sum_gt = part.sum(1).unbind(0)
         else:
             sum_g = dot = sum_gt = torch.zeros(C, device=s.device, dtype=acc)

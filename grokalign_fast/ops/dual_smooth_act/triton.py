@@ -30,7 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _triton_rows as rows
-from ..mlp.triton import _act_d1, _act_d2, _act_fwd, _sigmoid, _span
+from ..mlp.triton import _act_d1, _act_d2, _act_fwd, _sigmoid
 from . import ACT
 
 try:
@@ -103,8 +103,8 @@ def _smooth_fwd_kernel(
     ``t'_j = s'(z) t_j`` for every rider j of those rows."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rp = _span(pid_r * BR, BR)
-    cols = _span(pid_n * BN, BN)
+    rp = pid_r * BR + tl.arange(0, BR).to(tl.int64)  # int64: row * n may pass 2^31
+    cols = pid_n * BN + tl.arange(0, BN).to(tl.int64)
     r_ok = rp < P
     c_ok = cols < n
     ok = r_ok[:, None] & c_ok[None, :]
@@ -144,8 +144,8 @@ def _smooth_bwd_kernel(
     then ``grad z = g s'(z) + s''(z) sum_j g_j t_j``."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rp = _span(pid_r * BR, BR)
-    cols = _span(pid_n * BN, BN)
+    rp = pid_r * BR + tl.arange(0, BR).to(tl.int64)  # int64: row * n may pass 2^31
+    cols = pid_n * BN + tl.arange(0, BN).to(tl.int64)
     r_ok = rp < P
     c_ok = cols < n
     ok = r_ok[:, None] & c_ok[None, :]
