@@ -3,7 +3,13 @@ against the op's plain-PyTorch reference: values and gradients in float64 for ev
 and a repeated subset, so that the primal rows' gradient carries the riders' s'' term, and rows with no
 riders), odd and empty shapes, gradcheck, low precision by the twice-plain rule, non-contiguous rows and
 the argument errors; on every device present (the CPU under Triton's interpreter). Inside the engine:
-tests/test_dual_rules.py and tests/test_dual_engine.py."""
+tests/test_dual_rules.py and tests/test_dual_engine.py. Compiled for sm_90 (every epilogue family):
+test_the_epilogue_kernels_compile_for_sm90."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -97,3 +103,25 @@ def test_low_precision_within_twice_plain_pytorch(device, dtype, act):
 def test_bad_arguments_are_named(args, match):
     with pytest.raises((ValueError, TypeError), match=match):
         T.dual_smooth_act(*args)
+
+
+@pytest.mark.slow
+def test_the_epilogue_kernels_compile_for_sm90():
+    """Every Triton epilogue kernel (dual_act, dual_smooth_act for every activation, the batch norm's
+    three) compiles for an H100/H200 (sm_90) as a GPU compiles it, in bfloat16 and float64, with and
+    without an index, to a cubin within the 227 KB of shared memory a block may use
+    (tests/sm90_compile_epilogues.py, in a process without the interpreter; no GPU needed)."""
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile_epilogues.py")
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    kernels = {row["kernel"].split(" ")[0] + " " + row["kernel"].split(" ")[1] for row in rows}
+    assert len(rows) == 38 and len(kernels) == 7, kernels
+    assert {row["kernel"].split(" ")[2] for row in rows if row["kernel"].startswith("dual_smooth_act")} == set(D.ACT)
+    for row in rows:
+        assert "error" not in row and row["cubin"], row
+        assert row["shared"] <= 227 * 1024, row
