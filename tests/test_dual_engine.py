@@ -22,7 +22,7 @@ from grokalign_fast import BackendUnavailableError, GrokAlign, _backends, availa
 from grokalign_fast.dual import SampleMixingError
 from grokalign_fast.models import ResNet18, cnn6, mlp
 
-from utils import F64, max_rel_err
+from utils import DEVICES, F64, max_rel_err
 
 DT = torch.float64
 CPP = available_backends()["cpp"]
@@ -75,8 +75,8 @@ def _step(model, x, backend, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out, pen = reg(x)
-    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=DT).view_as(out)).sum() + pen,
-                                list(model.parameters()))
+    weights = torch.linspace(-1, 1, out.numel(), dtype=DT, device=out.device).view_as(out)
+    grads = torch.autograd.grad((out * weights).sum() + pen, list(model.parameters()))
     return out, pen, reg.last_norm, grads, reg, model
 
 
@@ -137,20 +137,31 @@ EPILOGUES = [("batch_norm", 3), ("gelu", 2), ("silu", 1), ("relu", 1), ("leaky_r
              ("elu", 1), ("softplus", 1), ("max_pool", 2), ("probe_sqnorm", 1)]
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.skipif(CPP is not None, reason=str(CPP))),
-                                     pytest.param("triton", marks=pytest.mark.skipif(TRITON is not None,
-                                                                                     reason=str(TRITON)))])
+def _epilogue_backends():
+    """(backend, device) for every device present, skipped where the backend cannot run there (Triton
+    on the CPU needs the interpreter)."""
+    params = []
+    for device in DEVICES:
+        checks = (("cpp", _backends.cpp_unavailable_reason), ("triton", _backends.triton_unavailable_reason))
+        for backend, check in checks:
+            reason = check(torch.device(device))
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}",
+                                       marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params
+
+
+@pytest.mark.parametrize("backend,device", _epilogue_backends())
 @pytest.mark.parametrize("kw", [dict(), dict(subsample=0.5), dict(subsample=0.75, squared=True, num_probes=2)],
                          ids=["all", "subsample", "subsample-squared-K2"])
-def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, kw):
+def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, device, kw):
     """``backend="cpp"`` (the engine with the extension's epilogues) and ``backend="triton"`` (with the
     Triton epilogues: every one but the max pool and the row sum of squares) against ``backend="dual"``
-    (its rules in plain PyTorch) on the same probes, in float64: output, penalty, every parameter
-    gradient and the running statistics to 1e-10; every epilogue counted as the kernel's on one side
-    only."""
+    (its rules in plain PyTorch) on the same probes and device, in float64: output, penalty, every
+    parameter gradient and the running statistics to 1e-10; every epilogue counted as the kernel's on
+    one side only."""
     torch.manual_seed(4)
-    model = EveryEpilogue().double().train()
-    x = torch.randn(6, 2, 7, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    model = EveryEpilogue().double().train().to(device)
+    x = torch.randn(6, 2, 7, 6, dtype=DT, generator=torch.Generator().manual_seed(2)).to(device)
     got = _step(model, x, backend, **kw)
     want = _step(model, x, "dual", **kw)
     assert got[4].last_backend == backend

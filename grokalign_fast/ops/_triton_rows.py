@@ -22,9 +22,8 @@ from .. import _backends
 
 try:  # the modules import without triton; unavailable_reason then says why
     import triton
-    import triton.language as tl
 except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
+    triton = None
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -325,8 +325,8 @@ def dual_batch_norm_train(s: torch.Tensor, weight: Optional[torch.Tensor], bias:
     rows3 = s.reshape(N, s.shape[1], -1)
     for name, v in (("weight", weight), ("bias", bias)):
         _check_param(name, v, s)
-    out, mean, var = _DualBatchNormTrainFunction.apply(
-        rows3.contiguous(), None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
-        primal_rows, float(eps))
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out, mean, var = _DualBatchNormTrainFunction.apply(rows3.contiguous(), weight, bias, primal_rows, float(eps))
     update_running_stats(running_mean, running_var, mean, var, primal_rows * math.prod(s.shape[2:]), momentum)
     return out.view(s.shape)

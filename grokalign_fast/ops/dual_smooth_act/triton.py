@@ -50,11 +50,23 @@ assert (ACT["elu"], ACT["softplus"]) == (8, 9), ACT
 
 
 @_jit
+def _expm1(z):
+    """``e^z - 1`` for ``z <= 0`` without the cancellation of ``exp(z) - 1`` near 0 (Kahan's
+    ``(u - 1) z / log u`` with ``u = e^z``; ``z`` itself where ``u`` rounds to 1, ``u - 1`` where it
+    is below one rounding of 1); libdevice's expm1 does not run under the interpreter."""
+    u = tl.exp(z)
+    um1 = u - 1.0
+    exact = (u == 1.0) | (um1 == -1.0)
+    kahan = um1 * z / tl.log(tl.where(exact, 2.0, u))
+    return tl.where(u == 1.0, z, tl.where(um1 == -1.0, um1, kahan))
+
+
+@_jit
 def _value(z, ACT: tl.constexpr, ALPHA: tl.constexpr, BETA: tl.constexpr, THRESHOLD: tl.constexpr):
     """s(z). elu: ``z > 0 ? z : alpha (e^z - 1)``; softplus (u = beta z): ``u > threshold ? z :
     log(1 + e^u) / beta``, as ``max(u, 0) + log(1 + e^-|u|)`` (no overflow); the MLP codes: ``_act_fwd``."""
     if ACT == 8:
-        y = tl.where(z > 0, z, ALPHA * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+        y = tl.where(z > 0, z, ALPHA * _expm1(tl.minimum(z, 0.0)))
     elif ACT == 9:
         u = z * BETA
         soft = (tl.maximum(u, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(u)))) / BETA
