@@ -10,7 +10,7 @@ registers, and then serves every tangent row riding on those primal rows (its *r
 without index), as the C++ kernels do (``csrc/common/stacked_rows.h``). Each tangent row is written
 by the one program of its primal row: no atomics, the same order on every run. With an index the
 riders come from the table of :func:`riders` (a stable sort of the index and a binary search on the
-device, no host synchronisation).
+device, no host synchronisation). Element offsets are int64 (``row * n`` may pass ``2^31``).
 """
 from __future__ import annotations
 
@@ -113,4 +113,5 @@ def row_blocks(rows: int, n: int) -> Tuple[int, int]:
 
 
 def row_grid(rows: int, n: int, br: int, bn: int) -> Tuple[int, int]:
+    """The grid of a row kernel: (primal row blocks, column blocks)."""
     return triton.cdiv(rows, br), triton.cdiv(n, bn)
