@@ -60,14 +60,14 @@ def _cases():
         acc = "*fp64" if fp64 else "*fp32"
         for C, L in ((64, 1024),) if fp64 else ((64, 1024), (512, 1)):
             bc, blk = bn._tiles(C, L)
-            tiles = dict(ACC_FP64=fp64, BC=bc, BLK=blk)
+            tiles = dict(INDEX64=fp64, ACC_FP64=fp64, BC=bc, BLK=blk)  # int64 indices in one of the two
             yield (f"batch_norm stats {dt} C={C} L={L}", bn._stats_kernel, dict(s_ptr=ptr, part_ptr=acc), tiles)
             yield (f"batch_norm backward sums {dt} C={C} L={L}", bn._backward_sums_kernel,
                    dict(g_ptr=ptr, s_ptr=ptr, mean_ptr=acc, part_ptr=acc, LEN="i64", PRIMAL_LEN="i64"), tiles)
         for backward in (False, True):
             types = dict(x_ptr=ptr, s_ptr=ptr, out_ptr=ptr, mean_ptr=acc, var_ptr=acc, w_ptr="*fp32", b_ptr="*fp32",
                          sum_g_ptr=acc, dots_ptr=acc, total="i64", primal_end="i64", inv_n="fp32")
-            consts = dict(BACKWARD=backward, HAS_W=True, HAS_B=not backward, EPS=1e-5, ACC_FP64=fp64,
+            consts = dict(BACKWARD=backward, HAS_W=True, HAS_B=not backward, EPS=1e-5, INDEX64=fp64, ACC_FP64=fp64,
                           BLOCK=bn._APPLY_BLOCK)
             yield f"batch_norm apply {dt} backward={backward}", bn._apply_kernel, types, consts
 

@@ -80,6 +80,17 @@ def test_equals_reference_and_the_aten_version(device, shape, n_tangent, affine)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_int64_indices(device, monkeypatch):
+    """The kernels' int64 flat indices (taken where they can pass 2^31) give the same numbers."""
+    monkeypatch.setattr(T, "_INT32_MAX", 0)
+    P = 5
+    case = _case((3, 4, 5), P, 7, device=device)
+    got = _run(T.dual_batch_norm_train, case, P)
+    for a, b in zip(got, _run(D.reference, _on_cpu(case), P)):
+        assert max_rel_err(a, b) < F64["rtol"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_untracked_running_statistics_and_empty_rows(device):
     s, weight, bias, _, _ = _case((3, 4), 4, 4, device=device)
     out = T.dual_batch_norm_train(s, weight, bias, None, None, 4, MOMENTUM, EPS)

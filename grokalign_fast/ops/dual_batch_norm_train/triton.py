@@ -17,8 +17,10 @@ the variance free of cancellation when ``|mean| >> std``); torch adds the splits
 over the tangent rows. ``_apply_kernel`` is the elementwise pass of either direction over the
 flattened ``[N, C, L]`` buffer, reading the per-channel values (``[C]``, cached). A program of the
 two reductions covers ``BC`` channels x ``BLK`` consecutive (row, position) pairs per step (see the
-tiling note below: wide where ``L`` is short, so that the loads stay coalesced). Sums are float32 (float64 for float64
-rows); ``eps`` is a compile-time constant (exact in float64). Offsets are int64.
+tiling note below: wide where ``L`` is short, so that the loads stay coalesced). Flat indices are
+int32 unless they can pass ``2^31`` (a 64-bit division by ``L`` per entry would cost more than the
+entry's bytes); the reductions' element offsets are int64. Sums are float32 (float64 for float64
+rows); ``eps`` is a compile-time constant (exact in float64).
 
 Bytes moved per entry of ``s`` (the floor, ``e`` the element size, a fraction ``f = P / N`` of
 primal rows): forward ``(2 + f) e`` (the statistics read the primal rows, the output pass reads
@@ -62,12 +64,13 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 # _INTERPRETED_SPLIT = 3, so that the tests' odd shapes cross tile, split and row boundaries.
 _ELEMS, _MAX_RUN, _WAVES, _MIN_SPLIT_ELEMS, _APPLY_BLOCK = 2048, 1024, 2, 16384, 2048
 _INTERPRETED_BC, _INTERPRETED_BLK, _INTERPRETED_APPLY, _INTERPRETED_SPLIT = 4, 16, 128, 3
+_INT32_MAX = 2**31 - 1  # flat indices up to this stay int32 (INDEX64 beyond)
 
 
 @_jit
 def _stats_kernel(
     s_ptr, part_ptr, C, L, CL, LEN, SPLIT_LEN,
-    ACC_FP64: tl.constexpr, BC: tl.constexpr, BLK: tl.constexpr,
+    INDEX64: tl.constexpr, ACC_FP64: tl.constexpr, BC: tl.constexpr, BLK: tl.constexpr,
 ):
     """Split ``pid_s`` (flat positions ``[pid_s SPLIT_LEN, +SPLIT_LEN)`` of the ``LEN = P L`` primal
     values of a channel, position i at row ``i // L``, column ``i % L``) of channels
@@ -84,13 +87,16 @@ def _stats_kernel(
     shift = tl.load(s_ptr + ch * L, mask=ch_ok, other=0.0).to(acc_dtype)
     s1 = tl.zeros((BC, BLK), acc_dtype)
     s2 = tl.zeros((BC, BLK), acc_dtype)
-    lo = pid_s.to(tl.int64) * SPLIT_LEN
+    if INDEX64:
+        lo = pid_s.to(tl.int64) * SPLIT_LEN
+    else:
+        lo = pid_s * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, LEN)
     for i0 in range(lo, hi, BLK):
-        i = i0 + tl.arange(0, BLK).to(tl.int64)
-        r = i // L
+        i = i0 + tl.arange(0, BLK)
+        r = i // L  # int32 unless INDEX64: the division is the costly step
         ok = ch_ok[:, None] & (i < hi)[None, :]
-        x = tl.load(s_ptr + (ch * L)[:, None] + (r * CL + (i - r * L))[None, :], mask=ok, other=0.0)
+        x = tl.load(s_ptr + (ch * L)[:, None] + (r.to(tl.int64) * CL + (i - r * L))[None, :], mask=ok, other=0.0)
         d = tl.where(ok, x.to(acc_dtype) - shift[:, None], 0.0)
         s1 += d
         s2 += d * d
@@ -102,7 +108,7 @@ def _stats_kernel(
 @_jit
 def _backward_sums_kernel(
     g_ptr, s_ptr, mean_ptr, part_ptr, C, L, CL, LEN, PRIMAL_LEN, SPLIT_LEN,
-    ACC_FP64: tl.constexpr, BC: tl.constexpr, BLK: tl.constexpr,
+    INDEX64: tl.constexpr, ACC_FP64: tl.constexpr, BC: tl.constexpr, BLK: tl.constexpr,
 ):
     """Split ``pid_s`` (flat positions of all ``LEN = N L`` values of a channel, the first
     ``PRIMAL_LEN = P L`` on the primal rows) of channels ``[pid_c BC, +BC)``: ``sum g`` and
@@ -120,13 +126,16 @@ def _backward_sums_kernel(
     sum_g = tl.zeros((BC, BLK), acc_dtype)
     dot = tl.zeros((BC, BLK), acc_dtype)
     sum_gt = tl.zeros((BC, BLK), acc_dtype)
-    lo = pid_s.to(tl.int64) * SPLIT_LEN
+    if INDEX64:
+        lo = pid_s.to(tl.int64) * SPLIT_LEN
+    else:
+        lo = pid_s * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, LEN)
     for i0 in range(lo, hi, BLK):
-        i = i0 + tl.arange(0, BLK).to(tl.int64)
-        r = i // L
+        i = i0 + tl.arange(0, BLK)
+        r = i // L  # int32 unless INDEX64: the division is the costly step
         ok = ch_ok[:, None] & (i < hi)[None, :]
-        offs = (ch * L)[:, None] + (r * CL + (i - r * L))[None, :]
+        offs = (ch * L)[:, None] + (r.to(tl.int64) * CL + (i - r * L))[None, :]
         g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
         x = tl.load(s_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
         primal = (i < PRIMAL_LEN)[None, :]
@@ -144,7 +153,7 @@ def _backward_sums_kernel(
 def _apply_kernel(
     x_ptr, s_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, dots_ptr, total, primal_end, C, L, inv_n,
     BACKWARD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, EPS: tl.constexpr,
-    ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+    INDEX64: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Entries ``[pid BLOCK, +BLOCK)`` of the flattened ``[N, C, L]`` rows, ``scale = invstd w``.
     Forward (``x = s``): ``(z - mean) scale + b`` on the primal rows, ``t scale`` on the tangent rows.
@@ -155,7 +164,10 @@ def _apply_kernel(
         acc_dtype = tl.float64
     else:
         acc_dtype = tl.float32
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    if INDEX64:
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    else:
+        i = pid * BLOCK + tl.arange(0, BLOCK)  # int32: a 64-bit division per entry would cost more than its bytes
     ok = i < total
     c = (i // L) % C
     primal = i < primal_end
@@ -223,7 +235,7 @@ def _apply(x, s, out, mean, var, weight, bias, sum_g, dots, P, n, eps, backward)
         x, s, out, mean, var, mean if weight is None else weight, mean if bias is None else bias,
         mean if sum_g is None else sum_g, mean if dots is None else dots, total, P * C * L, C, L, 1.0 / n,
         BACKWARD=backward, HAS_W=weight is not None, HAS_B=bias is not None, EPS=eps,
-        ACC_FP64=s.dtype == torch.float64, BLOCK=block,
+        INDEX64=total + block > _INT32_MAX, ACC_FP64=s.dtype == torch.float64, BLOCK=block,
     )
 
 
@@ -239,6 +251,7 @@ class _DualBatchNormTrainFunction(torch.autograd.Function):
             split, split_len = _split(n, C, bc, blk, s.device)
             part = torch.empty(2, split, C, device=s.device, dtype=acc)
             _stats_kernel[(triton.cdiv(C, bc), split)](s, part, C, L, C * L, n, split_len,
+                                                       INDEX64=n + split_len > _INT32_MAX,
                                                        ACC_FP64=acc == torch.float64, BC=bc, BLK=blk)
             s1, s2 = (part.sum(1) / n).unbind(0)
             mean = (s[0, :, 0].to(acc) + s1).to(stat)
@@ -270,6 +283,7 @@ class _DualBatchNormTrainFunction(torch.autograd.Function):
             split, split_len = _split(N * L, C, bc, blk, s.device)
             part = torch.empty(3, split, C, device=s.device, dtype=acc)
             _backward_sums_kernel[(triton.cdiv(C, bc), split)](g, s, mean, part, C, L, C * L, N * L, n, split_len,
+                                                              INDEX64=N * L + split_len > _INT32_MAX,
                                                               ACC_FP64=acc == torch.float64, BC=bc, BLK=blk)
             sum_g, dot, sum_gt = part.sum(1).unbind(0)
         else:
