@@ -66,7 +66,7 @@ def _cases():
                    dict(g_ptr=ptr, s_ptr=ptr, mean_ptr=acc, part_ptr=acc, LEN="i64", PRIMAL_LEN="i64"), tiles)
         for backward in (False, True):
             types = dict(x_ptr=ptr, s_ptr=ptr, out_ptr=ptr, mean_ptr=acc, var_ptr=acc, w_ptr="*fp32", b_ptr="*fp32",
-                         sum_g_ptr=acc, dots_ptr=acc, total="i64", primal_end="i64", inv_n="fp32")
+                         sum_g_ptr=acc, dots_ptr=acc, total="i64", primal_end="i64")
             consts = dict(BACKWARD=backward, HAS_W=True, HAS_B=not backward, EPS=1e-5, INDEX64=fp64, ACC_FP64=fp64,
                           BLOCK=bn._APPLY_BLOCK)
             yield f"batch_norm apply {dt} backward={backward}", bn._apply_kernel, types, consts

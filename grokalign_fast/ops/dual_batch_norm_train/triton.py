@@ -151,7 +151,7 @@ def _backward_sums_kernel(
 
 @_jit
 def _apply_kernel(
-    x_ptr, s_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, dots_ptr, total, primal_end, C, L, inv_n,
+    x_ptr, s_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, sum_g_ptr, dots_ptr, total, primal_end, C, L, count,
     BACKWARD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, EPS: tl.constexpr,
     INDEX64: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -185,8 +185,9 @@ def _apply_kernel(
         z = tl.load(s_ptr + i, mask=ok & primal, other=0.0).to(acc_dtype)
         sum_g = tl.load(sum_g_ptr + c, mask=ok, other=0.0).to(acc_dtype)
         dots = tl.load(dots_ptr + c, mask=ok, other=0.0).to(acc_dtype)
-        k = invstd * invstd * dots * inv_n
-        y = tl.where(primal, scale * (x - sum_g * inv_n - (z - mean) * k), x * scale)
+        # count = n, an int (a float argument 1 / n would arrive as float32), promoted to acc_dtype
+        k = invstd * invstd * (dots / count)
+        y = tl.where(primal, scale * (x - sum_g / count - (z - mean) * k), x * scale)
     else:
         shift = -mean * scale
         if HAS_B:
@@ -233,7 +234,7 @@ def _apply(x, s, out, mean, var, weight, bias, sum_g, dots, P, n, eps, backward)
     block = _INTERPRETED_APPLY if _backends.triton_interpreted() else _APPLY_BLOCK
     _apply_kernel[(triton.cdiv(total, block),)](
         x, s, out, mean, var, mean if weight is None else weight, mean if bias is None else bias,
-        mean if sum_g is None else sum_g, mean if dots is None else dots, total, P * C * L, C, L, 1.0 / n,
+        mean if sum_g is None else sum_g, mean if dots is None else dots, total, P * C * L, C, L, n,
         BACKWARD=backward, HAS_W=weight is not None, HAS_B=bias is not None, EPS=eps,
         INDEX64=total + block > _INT32_MAX, ACC_FP64=s.dtype == torch.float64, BLOCK=block,
     )
