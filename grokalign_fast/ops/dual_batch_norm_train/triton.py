@@ -18,14 +18,16 @@ over the tangent rows. ``_apply_kernel`` is the elementwise pass of either direc
 flattened ``[N, C, L]`` buffer, reading the per-channel values (``[C]``, cached). A program of the
 two reductions covers ``BC`` channels x ``BLK`` consecutive (row, position) pairs per step (see the
 tiling note below: wide where ``L`` is short, so that the loads stay coalesced). Flat indices are
-int32 unless they can pass ``2^31`` (a 64-bit division by ``L`` per entry would cost more than the
-entry's bytes); the reductions' element offsets are int64. Sums are float32 (float64 for float64
+int32 unless they can pass ``2^31`` (their division by ``L``, once per entry, is cheaper in 32 bits);
+the reductions' element offsets are int64. Sums are float32 (float64 for float64
 rows); ``eps`` is a compile-time constant (exact in float64).
 
-Bytes moved per entry of ``s`` (the floor, ``e`` the element size, a fraction ``f = P / N`` of
-primal rows): forward ``(2 + f) e`` (the statistics read the primal rows, the output pass reads
+Bytes moved per entry of ``s`` (``e`` the element size, a fraction ``f = P / N`` of primal rows;
+the floor of two passes each way, since the statistics and the sums are needed before the
+elementwise pass): forward ``(2 + f) e`` (the statistics read the primal rows, the output pass reads
 every row and writes it); backward ``(4 + f) e`` (the sums read ``g`` and ``s``, the elementwise
-pass reads ``g`` and the primal rows of ``s`` and writes the gradient).
+pass reads ``g`` and the primal rows of ``s`` and writes the gradient). The ``[C]`` partials and
+statistics add a few bytes per channel.
 """
 from __future__ import annotations
 
