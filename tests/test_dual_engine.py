@@ -88,6 +88,8 @@ def test_whole_model_on_the_engine_equals_the_reference(name, model, shape, kw, 
         pytest.skip(CPP)
     if backend == "triton" and TRITON is not None:
         pytest.skip(TRITON)
+    if backend == "triton" and kw:  # the interpreter is slow: a subsample is tested on the next test's CNN
+        pytest.skip("the Triton epilogues with a subsample: test_the_epilogue_kernels_equal_the_plain_rules_...")
     x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(1))
     got = _step(model, x, backend, **kw)
     want = _step(model, x, "reference", **kw)

@@ -210,6 +210,8 @@ def _check_kernels(name, counts, kernels):
 @pytest.mark.parametrize("index,K", [(None, 1), ([2, 0, 2], 3)], ids=["all-K1", "subset-K3"])
 @KERNELS
 def test_rule_matches_jvp(name, model, shape, index, K, kernels):
+    if kernels == "triton" and name not in EPILOGUE_CASES["triton"]:
+        pytest.skip("no Triton epilogue in this case: the ATen rules of kernels='torch'")
     counts = _compare(model, shape, index, K, kernels=kernels)
     assert not [k for k in counts if k.startswith("fallback:")], counts
     _check_kernels(name, counts, kernels)
