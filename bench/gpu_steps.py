@@ -6,8 +6,10 @@
 Models: the paper's MLP 784-200-200-10 at batch 128 (ReLU, MSE), ``cnn6`` at batch 128 (3x32x32,
 cross-entropy) and the GPT of ``grokalign_fast.models`` (4 layers, d_model 256, T = 256) at batch
 8; AdamW; ``--dtype`` float32 or bfloat16 autocast. Providers: ``plain``, ``ours`` (one probe,
-``estimator="forward"``: the fused path ``auto`` picks) and ``ours_sub0.25``. Before timing, each
-model's fused penalty and gradients are checked against the reference in float64. Each round runs
+``estimator="forward"``: the fused path ``auto`` picks), ``ours_sub0.25`` and, where Triton runs on
+the device, ``triton`` (``backend="triton"``: the per-layer Triton MLP ops for the MLP, the
+dual-stream engine with the Triton epilogues for the others). Before timing, each model's fused
+penalty and gradients (``auto``'s and ``triton``'s) are checked against the reference in float64. Each round runs
 every provider once in a fresh random order, each step ending in a device synchronisation; medians
 and ratios to plain.
 """
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from providers import emit, time_interleaved  # noqa: E402
 
-from grokalign_fast import GrokAlign  # noqa: E402
+from grokalign_fast import GrokAlign, _backends  # noqa: E402
 from grokalign_fast.models import GPT, cnn6, mlp  # noqa: E402
 
 
@@ -49,12 +51,13 @@ def models(quick):
     }
 
 
-def check(model, x, device):
-    """The fused penalty and parameter gradients equal the reference's in float64 (1e-10)."""
+def check(model, x, device, backend="auto"):
+    """The fused penalty and parameter gradients of ``backend`` equal the reference's in float64
+    (1e-10); returns the backend that ran."""
     x = x[:4].to(device)
     x = x.double() if x.is_floating_point() else x
     res = []
-    for backend in ("auto", "reference"):
+    for backend in (backend, "reference"):
         m = copy.deepcopy(model).double().to(device)
         reg = GrokAlign(m, 1.0, estimator="forward", backend=backend, generator=torch.Generator().manual_seed(0))
         out, pen = reg(x)
@@ -81,14 +84,20 @@ def main():
     lines = [f"Command: `{' '.join(['python'] + sys.argv)}`  ",
              f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
              f", torch {torch.__version__}, {args.dtype}, {args.rounds} interleaved rounds, medians.", "",
-             "| model | path | plain ms | ours ms | x plain | ours sub0.25 ms | x plain |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| model | path | plain ms | ours ms | x plain | ours sub0.25 ms | x plain | triton ms | x plain |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     table = models(args.quick)
+    triton = _backends.triton_unavailable_reason(device) is None
     for name in args.models.split(","):
         model0, x, loss_of = table[name]
         path = check(model0, x, device)
+        providers = [("plain", None), ("ours", dict()), ("ours_sub0.25", dict(subsample=0.25))]
+        if triton:
+            check(model0, x, device, "triton")
+            providers.append(("triton", dict(backend="triton")))
         x = x.to(device)
         steps = {}
-        for label, kw in (("plain", None), ("ours", dict()), ("ours_sub0.25", dict(subsample=0.25))):
+        for label, kw in providers:
             m = copy.deepcopy(model0).to(device)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
             reg = None if kw is None else GrokAlign(m, 1e-3, estimator="forward", **kw)
@@ -107,8 +116,9 @@ def main():
             steps[label] = step
         med = time_interleaved(steps, args.rounds, warmup=2)
         p = med["plain"]
+        tri = f"{med['triton'] * 1e3:.2f} | {med['triton'] / p:.2f}" if triton else "- | -"
         lines.append(f"| {name} | {path} | {p * 1e3:.2f} | {med['ours'] * 1e3:.2f} | {med['ours'] / p:.2f} | "
-                     f"{med['ours_sub0.25'] * 1e3:.2f} | {med['ours_sub0.25'] / p:.2f} |")
+                     f"{med['ours_sub0.25'] * 1e3:.2f} | {med['ours_sub0.25'] / p:.2f} | {tri} |")
     emit(lines, args.out)
 
 

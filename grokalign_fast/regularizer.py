@@ -73,8 +73,10 @@ class GrokAlign(nn.Module):
         subsample: fraction in (0, 1] of the batch that carries the penalty.
         every: compute the penalty every n-th training call, scaled by n.
         backend: ``"auto"``, ``"reference"``, ``"dual"``, ``"cpp"`` or ``"triton"``
-            (:mod:`grokalign_fast.dual.plan` says what each runs). ``"auto"`` takes the fastest
-            that can serve; a backend named explicitly raises
+            (:mod:`grokalign_fast.dual.plan` says what each runs: ``"cpp"`` and ``"triton"`` run
+            MLP chains as fused ops and any other model on the dual-stream engine with their
+            epilogue kernels). ``"auto"`` takes the fastest that can serve (never Triton's CPU
+            interpreter); a backend named explicitly raises
             :class:`~grokalign_fast.BackendUnavailableError` with the reason when it cannot.
         generator: ``torch.Generator`` for probes and subsampling.
         check_finite_values: raise ``FloatingPointError`` on a non-finite penalty.

@@ -1,13 +1,14 @@
 """Whole models on the dual-stream engine and the planner's choice of path.
 
 ``GrokAlign(estimator="forward", backend="dual")`` (the engine's rules in plain PyTorch) and
-``backend="cpp"`` (the engine with the extension's epilogues) against the reference path
+``backend="cpp"`` (the engine with the extension's epilogues) and ``backend="triton"`` (with the
+Triton epilogues, on the CPU under Triton's interpreter) against the reference path
 (``backend="reference"``: torch.func.jvp, with the batch statistics held constant where the model
 has BatchNorm in train mode) on the same probes, in float64: output, penalty, ``last_norm`` and
 every parameter gradient to 1e-10, for the CNN and ResNet-18 of ``grokalign_fast.models`` in
 train and eval mode, a custom ``forward`` with a skip connection and a ``torch.cat``, and a model
-with a layer that has no rule (the fallback and its warning); ``"dual"`` against ``"cpp"`` on a
-CNN with every epilogue the extension has.
+with a layer that has no rule (the fallback and its warning); ``"dual"`` against ``"cpp"`` and
+``"triton"`` on a CNN with every epilogue the extension has.
 """
 import copy
 import warnings
@@ -17,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grokalign_fast import BackendUnavailableError, GrokAlign, available_backends
+from grokalign_fast import BackendUnavailableError, GrokAlign, _backends, available_backends
 from grokalign_fast.dual import SampleMixingError
 from grokalign_fast.models import ResNet18, cnn6, mlp
 
-from utils import F64, max_rel_err
+from utils import DEVICES, F64, max_rel_err
 
 DT = torch.float64
 CPP = available_backends()["cpp"]
+TRITON = _backends.triton_unavailable_reason(torch.device("cpu"))
 
 
 class SkipCat(nn.Module):
@@ -73,17 +75,21 @@ def _step(model, x, backend, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out, pen = reg(x)
-    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=DT).view_as(out)).sum() + pen,
-                                list(model.parameters()))
+    weights = torch.linspace(-1, 1, out.numel(), dtype=DT, device=out.device).view_as(out)
+    grads = torch.autograd.grad((out * weights).sum() + pen, list(model.parameters()))
     return out, pen, reg.last_norm, grads, reg, model
 
 
 @pytest.mark.parametrize("name,model,shape", _models(), ids=[m[0] for m in _models()])
 @pytest.mark.parametrize("kw", [dict(), dict(subsample=0.5, squared=True)], ids=["all", "subsample-squared"])
-@pytest.mark.parametrize("backend", ["dual", "cpp"])
+@pytest.mark.parametrize("backend", ["dual", "cpp", "triton"])
 def test_whole_model_on_the_engine_equals_the_reference(name, model, shape, kw, backend):
     if backend == "cpp" and CPP is not None:
         pytest.skip(CPP)
+    if backend == "triton" and TRITON is not None:
+        pytest.skip(TRITON)
+    if backend == "triton" and kw:  # the interpreter is slow: a subsample is tested on the next test's CNN
+        pytest.skip("the Triton epilogues with a subsample: test_the_epilogue_kernels_equal_the_plain_rules_...")
     x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(1))
     got = _step(model, x, backend, **kw)
     want = _step(model, x, "reference", **kw)
@@ -129,25 +135,46 @@ class EveryEpilogue(nn.Module):
         return self.head(torch.sigmoid(self.bn3(h)) + F.softplus(h, beta=2.0, threshold=1.0))
 
 
-@pytest.mark.skipif(CPP is not None, reason=str(CPP))
+EPILOGUES = [("batch_norm", 3), ("gelu", 2), ("silu", 1), ("relu", 1), ("leaky_relu", 1), ("tanh", 1), ("sigmoid", 1),
+             ("elu", 1), ("softplus", 1), ("max_pool", 2), ("probe_sqnorm", 1)]
+
+
+def _epilogue_backends():
+    """(backend, device) for every device present, skipped where the backend cannot run there (Triton
+    on the CPU needs the interpreter)."""
+    params = []
+    for device in DEVICES:
+        checks = (("cpp", _backends.cpp_unavailable_reason), ("triton", _backends.triton_unavailable_reason))
+        for backend, check in checks:
+            reason = check(torch.device(device))
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}",
+                                       marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params
+
+
+@pytest.mark.parametrize("backend,device", _epilogue_backends())
 @pytest.mark.parametrize("kw", [dict(), dict(subsample=0.5), dict(subsample=0.75, squared=True, num_probes=2)],
                          ids=["all", "subsample", "subsample-squared-K2"])
-def test_the_extensions_epilogues_equal_the_plain_rules_on_a_whole_model(kw):
-    """``backend="cpp"`` (the engine with the extension's epilogues) against ``backend="dual"`` (its
-    rules in plain PyTorch) on the same probes, in float64: output, penalty, every parameter gradient
-    and the running statistics to 1e-10; every epilogue counted as the kernel's on one side only."""
+def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, device, kw):
+    """``backend="cpp"`` (the engine with the extension's epilogues) and ``backend="triton"`` (with the
+    Triton epilogues: every one but the max pool and the row sum of squares) against ``backend="dual"``
+    (its rules in plain PyTorch) on the same probes and device, in float64: output, penalty, every
+    parameter gradient and the running statistics to 1e-10; every epilogue counted as the kernel's on
+    one side only."""
     torch.manual_seed(4)
-    model = EveryEpilogue().double().train()
-    x = torch.randn(6, 2, 7, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
-    got = _step(model, x, "cpp", **kw)
+    model = EveryEpilogue().double().train().to(device)
+    x = torch.randn(6, 2, 7, 6, dtype=DT, generator=torch.Generator().manual_seed(2)).to(device)
+    got = _step(model, x, backend, **kw)
     want = _step(model, x, "dual", **kw)
+    assert got[4].last_backend == backend
     _assert_same_step(got, want, exact_buffers=False)
     counts, plain = got[4].last_plan.counts, want[4].last_plan.counts
-    for rule, calls in [("batch_norm", 3), ("gelu", 2), ("silu", 1), ("relu", 1), ("leaky_relu", 1), ("tanh", 1),
-                        ("sigmoid", 1), ("elu", 1), ("softplus", 1), ("max_pool", 2), ("probe_sqnorm", 1)]:
-        assert counts[f"{rule}[cpp]"] == calls, counts
-        assert rule not in counts
-    assert not [k for k in plain if k.endswith("[cpp]")], plain
+    for rule, calls in EPILOGUES:
+        if backend == "triton" and rule in ("max_pool", "probe_sqnorm"):  # ATen ops
+            assert counts.get(rule, 1) == calls and f"{rule}[triton]" not in counts, counts
+            continue
+        assert counts[f"{rule}[{backend}]"] == calls and rule not in counts, counts
+    assert not [k for k in plain if k.endswith("]")], plain
 
 
 def test_unsupported_layer_warns_once_and_is_counted():
@@ -206,7 +233,7 @@ def test_planner_picks_the_engine_for_a_cnn_and_explains_the_fused_backends():
     x = torch.randn(2, 1, 8, 8, dtype=DT)
     plan = GrokAlign(model, 0.1, estimator="forward").explain(x)
     assert plan.reasons["dual"] is None and plan.reasons["reference"] is None
-    assert "MLP chains" in plan.reasons["triton"] and "Conv2d" in plan.reasons["triton"]
+    assert plan.reasons["triton"] == _backends.triton_unavailable_reason(x.device)  # the engine on Triton
     if CPP is None:
         assert plan.backend == "cpp" and plan.reasons["cpp"] is None
         assert "epilogues" in plan.description and "Conv2d" in plan.description

@@ -4,8 +4,9 @@ For each case ``f`` (a per-sample function of the batch), the engine's output an
 ``(1/K) sum_k ||J V[k, r]||^2`` must equal ``f(x)`` and the same sum of ``torch.func.jvp`` products
 at the rows ``index``, and the gradients of a loss on both with respect to the input and every
 parameter must equal those of the reference, to 1e-10. Odd shapes, every row and a subset, one
-probe and three; the rules in plain PyTorch (``kernels="torch"``) and with the extension's
-epilogues (``kernels="cpp"``, where it is built).
+probe and three; the rules in plain PyTorch (``kernels="torch"``), with the extension's epilogues
+(``kernels="cpp"``, where it is built) and with the Triton epilogues (``kernels="triton"``, on the
+CPU under Triton's interpreter).
 """
 import math
 import warnings
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from grokalign_fast import available_backends
+from grokalign_fast import _backends, available_backends
 from grokalign_fast.dual import SampleMixingError, run
 from grokalign_fast.dual.batch_stats import BatchStatistics
 
@@ -26,12 +27,17 @@ TOL64 = F64["rtol"]
 
 DT = torch.float64
 CPP = available_backends()["cpp"]
+TRITON = _backends.triton_unavailable_reason(torch.device("cpu"))
 KERNELS = pytest.mark.parametrize("kernels", [
-    "torch", pytest.param("cpp", marks=pytest.mark.skipif(CPP is not None, reason=str(CPP)))])
-# The cases that call a function with an epilogue in the extension.
+    "torch", pytest.param("cpp", marks=pytest.mark.skipif(CPP is not None, reason=str(CPP))),
+    pytest.param("triton", marks=pytest.mark.skipif(TRITON is not None, reason=str(TRITON)))])
+# The cases that call a function with an epilogue in the extension; the Triton epilogues cover them
+# but the max pools.
 CPP_CASES = {"relu", "relu_method_inplace_module", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "elu",
              "softplus", "max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d", "batch_norm_train_2d",
              "batch_norm_train_1d", "matmul_dual_dual", "add_sub_mul_div", "dropout_train"}
+EPILOGUE_CASES = {"torch": set(), "cpp": CPP_CASES,
+                  "triton": CPP_CASES - {"max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d"}}
 
 
 def _lin(i, o, bias=True):
@@ -193,16 +199,19 @@ def _compare(model, shape, index, K, reference=_reference, ref_model=None, kerne
 
 
 def _check_kernels(name, counts, kernels):
-    """With ``kernels="cpp"`` a case of :data:`CPP_CASES` ran an epilogue of the extension; no rule
-    ran one with ``kernels="torch"``."""
-    ran = [k for k in counts if k.endswith("[cpp]") and k != "probe_sqnorm[cpp]"]
-    assert bool(ran) == (kernels == "cpp" and name in CPP_CASES), counts
+    """A case of :data:`EPILOGUE_CASES` ran an epilogue of the kernels asked for (``"<rule>[cpp]"``,
+    ``"<rule>[triton]"``), the other cases none; no rule ran one with ``kernels="torch"``."""
+    ran = [k for k in counts if k.endswith("]") and not k.startswith("probe_sqnorm[")]
+    assert all(k.endswith(f"[{kernels}]") for k in ran), counts
+    assert bool(ran) == (name in EPILOGUE_CASES[kernels]), counts
 
 
 @pytest.mark.parametrize("name,model,shape", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("index,K", [(None, 1), ([2, 0, 2], 3)], ids=["all-K1", "subset-K3"])
 @KERNELS
 def test_rule_matches_jvp(name, model, shape, index, K, kernels):
+    if kernels == "triton" and name not in EPILOGUE_CASES["triton"]:
+        pytest.skip("no Triton epilogue in this case: the ATen rules of kernels='torch'")
     counts = _compare(model, shape, index, K, kernels=kernels)
     assert not [k for k in counts if k.startswith("fallback:")], counts
     _check_kernels(name, counts, kernels)

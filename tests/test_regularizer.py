@@ -1,5 +1,6 @@
 """GrokAlign: one model pass for output and penalty, schedules, fused backends vs the reference."""
 import math
+import os
 import re
 
 import pytest
@@ -187,10 +188,39 @@ def _off_chain_models():
     ]
 
 
-def test_explicit_triton_backend_on_unsupported_model_raises_with_reason():
+def test_explicit_triton_backend_off_the_mlp_chains_runs_the_engine_with_the_triton_epilogues():
+    """backend="triton" runs models the per-layer Triton MLP ops cannot on the dual-stream engine with
+    the Triton epilogues (its description says why the MLP ops could not), equal to backend="dual" on
+    the same probes, float64; where Triton cannot run on the device (the CPU without the interpreter)
+    it raises, naming the reason."""
+    reason = _backends.triton_unavailable_reason(torch.device("cpu"))
     for model, x, why in _off_chain_models():
-        with pytest.raises(_backends.BackendUnavailableError, match=why):
-            GrokAlign(model, 0.1, estimator="forward", backend="triton")(x)
+        if reason is not None:
+            with pytest.raises(_backends.BackendUnavailableError, match=re.escape(reason)):
+                GrokAlign(model, 0.1, estimator="forward", backend="triton")(x)
+            continue
+        results = {}
+        for backend in ("triton", "dual"):
+            reg, out, pen, grads = grokalign_step(model, x, estimator="forward", backend=backend, generator=gen(2))
+            assert reg.last_backend == backend
+            results[backend] = [out, pen] + grads
+        plan = GrokAlign(model, 0.1, estimator="forward", backend="triton").explain(x)
+        assert "Triton epilogues" in plan.description and re.search(why, plan.description)
+        assert_close_all(results["triton"], results["dual"])
+    cnn = GrokAlign(SmallCNN().double(), 0.1, estimator="forward", backend="triton")
+    if reason is None:
+        cnn(torch.randn(2, 2, 5, 7, dtype=torch.float64))
+        assert cnn.last_plan.counts["relu[triton]"] == 1 and cnn.last_plan.counts["gelu[triton]"] == 1
+
+
+def test_auto_never_picks_the_triton_interpreter_off_the_mlp_chains(monkeypatch):
+    """Under the interpreter "triton" could serve a CNN, but "auto" takes the next backend; the order
+    is cpp, triton, dual, reference."""
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+    plan = GrokAlign(SmallCNN().double(), 0.1, estimator="forward").explain(torch.randn(2, 2, 5, 7,
+                                                                                        dtype=torch.float64))
+    assert plan.backend == ("cpp" if CPP else "dual")
+    assert plan.reasons["triton"] == _backends.triton_unavailable_reason(torch.device("cpu"))
 
 
 def test_explicit_cpp_backend_off_the_mlp_chains_runs_the_engine_with_the_epilogues():

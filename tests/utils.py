@@ -23,6 +23,16 @@ from grokalign_fast.ops.mlp.whole_mlp import whole_mlp_op_args, whole_mlp_reason
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+
+def triton_devices():
+    """:data:`DEVICES` as pytest parameters, each skipped (with the reason) where Triton kernels cannot
+    run on it: the CPU needs the interpreter (``TRITON_INTERPRET=1``), CUDA compiles them."""
+    params = []
+    for device in DEVICES:
+        reason = _backends.triton_unavailable_reason(torch.device(device))
+        params.append(pytest.param(device, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params
+
 # ------------------------------------------------------------------------- tolerances and errors
 
 F64 = dict(rtol=1e-10, atol=1e-12)

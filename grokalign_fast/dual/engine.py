@@ -46,7 +46,7 @@ _METADATA_METHODS = frozenset(
     ) if hasattr(torch.Tensor, n)
 )
 _WARNED: Set[str] = set()
-KERNELS = ("torch", "cpp")
+KERNELS = ("torch", "cpp", "triton")
 
 
 def func_name(func) -> str:
@@ -195,6 +195,10 @@ def run(
             epilogues where one serves (``grokalign::dual_act``, ``dual_smooth_act``, ``dual_max_pool``,
             ``dual_batch_norm_train``, counted as ``"<rule>[cpp]"``) and the row sum of squares as
             ``grokalign::probe_sqnorm`` (counted as ``"probe_sqnorm[cpp]"``); needs the extension.
+            ``"triton"``, the Triton kernels of the same epilogues where they serve (``dual_act``,
+            ``dual_smooth_act``, ``dual_batch_norm_train``, counted as ``"<rule>[triton]"``; the other
+            rules and the row sum of squares in ATen ops); needs triton and a CUDA input, or a CPU
+            input under Triton's interpreter (``TRITON_INTERPRET=1``).
         jx: also carry the tangent ``x[index[r]]`` itself (one more stream) and return ``J x`` at each
             row: the offset ``f(x) - J x`` of the local affine map costs that stream.
 
@@ -209,10 +213,11 @@ def run(
         V = torch.cat([V, rows_x.unsqueeze(0).to(V.dtype)])
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    if kernels == "cpp":
-        reason = _backends.cpp_unavailable_reason(x.device)
+    if kernels != "torch":
+        check = _backends.cpp_unavailable_reason if kernels == "cpp" else _backends.triton_unavailable_reason
+        reason = check(x.device)
         if reason is not None:
-            raise _backends.BackendUnavailableError(f'kernels="cpp" cannot run: {reason}')
+            raise _backends.BackendUnavailableError(f'kernels="{kernels}" cannot run: {reason}')
     B, K, R = x.shape[0], V.shape[0], V.shape[1]
     ctx = Streams(B, K, R, index)
     ctx.kernels = kernels

@@ -16,8 +16,13 @@ Backends (``backend=``), fastest first:
   they apply (``grokalign::dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``,
   ``attention_jvp`` from 64 keys up, ``probe_sqnorm``; ``plan.counts`` shows them as ``"relu[cpp]"``,
   ``"max_pool[cpp]"``, ``"attention[cpp]"``, ...). Reverse estimator: ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
-- ``"triton"``: the forward estimator's per-layer Triton kernels, for MLP chains. ``"auto"`` never
-  picks them under Triton's CPU interpreter.
+- ``"triton"``: the forward estimator on Triton kernels (needs triton and a CUDA input, or a CPU
+  input under Triton's interpreter). MLP chains run the per-layer Triton ops ``dual_linear*``
+  (:mod:`grokalign_fast.ops.mlp.triton`); any other model (or where those cannot serve, e.g. the
+  offset term) runs the dual-stream engine with the Triton epilogues where they apply
+  (``dual_act``, ``dual_smooth_act``, ``dual_batch_norm_train``: ``plan.counts`` shows
+  ``"relu[triton]"``, ``"batch_norm[triton]"``, ...) and ATen ops for the other rules. ``"auto"``
+  never picks it under Triton's CPU interpreter.
 - ``"dual"``: one pass without double backward, in plain PyTorch. Forward estimator: the
   dual-stream engine on any model (convolutions, norms, pooling, residual connections, attention,
   custom ``forward``) with every rule in ATen ops, the reference of the ``"cpp"`` engine's
@@ -227,9 +232,12 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
                                 "backward)")
         if estimator != "forward":
             reasons["dual"] = reasons["reference"]
-    chain_cpp = reasons["cpp"]  # why the chain's fused C++ ops cannot serve (None: they do)
-    if estimator == "forward":  # else "cpp" runs the engine with the extension's epilogues
+    # Why the chain's fused C++ / Triton ops cannot serve (None: they do); else, for the forward
+    # estimator, "cpp" and "triton" run the engine with their epilogues.
+    chain_cpp, chain_triton = reasons["cpp"], reasons["triton"]
+    if estimator == "forward":
         reasons["cpp"] = _backends.cpp_unavailable_reason(x.device)
+        reasons["triton"] = _backends.triton_unavailable_reason(x.device)
     if backend == "auto":
         chosen = next((name for name in ORDER if reasons[name] is None
                        and not (name == "triton" and _backends.triton_interpreted())), None)
@@ -244,7 +252,7 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
         chosen = backend
     with_offset = offset and not zero_offset
     run, description = _runner(model, x, steps, estimator, chosen, num_probes, probes, squared, generator,
-                               set() if warned is None else warned, with_offset, chain_cpp)
+                               set() if warned is None else warned, with_offset, chain_cpp, chain_triton)
     if not with_offset:
         base = run
 
@@ -261,11 +269,11 @@ def make_plan(model, x: torch.Tensor, *, estimator: str, backend: str, num_probe
 
 
 def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, warned, offset=False,
-            chain_cpp=None):
+            chain_cpp=None, chain_triton=None):
     """``(run, description)``; ``run`` returns ``(out, values)``, or with ``offset``
-    ``(out, values, offset)`` (the reference path and the engine compute the offset). ``chain_cpp``:
-    why the MLP chain's fused C++ ops cannot serve the forward estimator (None: they do), so that
-    ``"cpp"`` runs the engine with the extension's epilogues."""
+    ``(out, values, offset)`` (the reference path and the engine compute the offset). ``chain_cpp``,
+    ``chain_triton``: why the MLP chain's fused C++ / Triton ops cannot serve the forward estimator
+    (None: they do), so that ``"cpp"`` / ``"triton"`` run the engine with their epilogues."""
     root = not squared
     dtype, device = x.dtype, x.device
     in_shape = tuple(x.shape[1:])
@@ -309,7 +317,7 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
     draw = drawer(resolve_probes(probes, "forward"), K, in_shape, math.prod(in_shape), dtype=dtype, device=device,
                   generator=generator)
     training = bool(getattr(model, "training", False))
-    fused = backend == "triton" or (backend == "cpp" and chain_cpp is None)
+    fused = (backend == "triton" and chain_triton is None) or (backend == "cpp" and chain_cpp is None)
     if fused and backend == "cpp" and whole_mlp.whole_mlp_reason(steps, training, x) is None:
         op = whole_mlp.whole_mlp_runner("dual_mlp_sqnorm", steps)
 
@@ -326,7 +334,7 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
         return run, f"the per-layer {backend} ops grokalign::dual_linear*"
 
     counts: Dict[str, int] = {}
-    kernels = "cpp" if backend == "cpp" else "torch"
+    kernels = backend if backend in ("cpp", "triton") else "torch"
 
     # The engine recognises its dual values by identity and patches modules while it runs: dynamo
     # does not trace that faithfully (it lost bias gradients in a test), so under torch.compile the
@@ -345,5 +353,8 @@ def _runner(model, x, steps, estimator, backend, K, probes, squared, generator, 
     run.counts = counts
     if kernels == "torch":
         return run, "the dual-stream engine (grokalign_fast.dual.engine), its rules in plain PyTorch"
+    if kernels == "triton":
+        return run, ("the dual-stream engine (grokalign_fast.dual.engine) with the Triton epilogues where they "
+                     f"apply (the per-layer Triton MLP ops: {chain_triton})")
     return run, ("the dual-stream engine (grokalign_fast.dual.engine) with the extension's epilogues where they "
                  f"apply (the fused MLP ops: {chain_cpp})")

@@ -42,7 +42,9 @@ class Streams:
         self.B, self.K, self.R, self.index = B, K, R, index
         self.N = B + K * R
         self.seed = None  # (tokens, probes) until the tokens' embedding seeds the tangents
-        self.kernels = "torch"  # the rules' kernels: "torch" (ATen ops) or "cpp" (the extension's where one serves)
+        # The rules' kernels: "torch" (ATen ops), "cpp" (the extension's where one serves) or "triton"
+        # (the Triton epilogues where one serves).
+        self.kernels = "torch"
         self.kernel: Optional[str] = None  # set by a rule that ran a kernel for the current call
         self.mode = None  # the DualMode running the call
         self._dual: Dict[int, torch.Tensor] = {}

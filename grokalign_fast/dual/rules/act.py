@@ -4,12 +4,14 @@ r"""Pointwise activations and dropout: ``y = s(z)``, ``t' = s'(z) * t`` with z t
   slope ``d`` that is piecewise constant in z: the whole stacked buffer is multiplied by the
   primal rows' slope (:meth:`Streams.scale`). No gradient flows through the mask. With the
   extension's kernels (``ctx.kernels == "cpp"``), ReLU and leaky ReLU run as its one-pass op
-  ``grokalign::dual_act`` (:mod:`grokalign_fast.ops.dual_act`: a byte mask is the saved state).
+  ``grokalign::dual_act`` (:mod:`grokalign_fast.ops.dual_act`: a byte mask is the saved state), with
+  ``ctx.kernels == "triton"`` as the same op's Triton kernels (:mod:`grokalign_fast.ops.dual_act.triton`).
 - Smooth activations (GELU, SiLU, tanh, sigmoid, ELU, softplus): the primal runs the plain
   function, the tangent rows take ``s'(z)`` of their primal row, and training differentiates
   through ``s'`` (it needs ``s''``, which autograd derives from the closed forms of
   :mod:`grokalign_fast.ops.dual_smooth_act`). With the extension's kernels they run as its
-  one-pass op ``grokalign::dual_smooth_act``, which saves only the input rows.
+  one-pass op ``grokalign::dual_smooth_act``, which saves only the input rows; with the Triton
+  kernels as :mod:`grokalign_fast.ops.dual_smooth_act.triton`, the same op.
 - Dropout draws its mask once, for the primal rows, with the same random numbers the plain call
   draws; each tangent row takes its primal row's mask.
 """
@@ -22,6 +24,7 @@ from ...ops import dual_act as dual_act_op
 from ...ops import dual_smooth_act as smooth_op
 from . import method, register
 from ._args import arg
+from ._kernels import epilogue
 from ..streams import Streams
 
 
@@ -36,24 +39,27 @@ def _smooth(ctx: Streams, z: torch.Tensor, act: str, **params) -> torch.Tensor:
     """The smooth activation ``act`` of :mod:`grokalign_fast.ops.dual_smooth_act` (with its
     ``params``): its one-pass op on the rows flattened to [N*m, features] where the kernels serve,
     else :func:`smooth` with its plain-PyTorch value and slope."""
-    if ctx.kernels == "cpp" and z.dim() >= 1 and smooth_op.unavailable_reason(z) is None:
+    op, kernel = epilogue(ctx, z, smooth_op, "dual_smooth_act") if z.dim() >= 1 else (None, None)
+    if op is not None:
         m = ctx.block(z)
         index = None if ctx.index is None else ctx.row_index(m)
-        out = smooth_op.dual_smooth_act(z.reshape(z.shape[0], -1), ctx.B * m, index, act, **params)
-        ctx.kernel = "cpp"
+        out = op(z.reshape(z.shape[0], -1), ctx.B * m, index, act, **params)
+        ctx.kernel = kernel
         return ctx.mark(out.view(z.shape))
     return smooth(ctx, z, lambda v: smooth_op.value(v, act, **params), lambda v: smooth_op.slope(v, act, **params))
 
 
 def _by_kernel(ctx: Streams, z: torch.Tensor, act: str, alpha: float):
-    """The activation as the extension's one-pass op ``grokalign::dual_act`` on the rows flattened to
-    [N*m, features], or None where it cannot serve (then the ATen ops below run)."""
-    if ctx.kernels != "cpp" or z.dim() < 1 or dual_act_op.unavailable_reason(z) is not None:
+    """The activation as the one-pass op ``dual_act`` (the extension's or the Triton kernels, as
+    ``ctx.kernels`` asks) on the rows flattened to [N*m, features], or None where it cannot serve
+    (then the ATen ops below run)."""
+    op, kernel = epilogue(ctx, z, dual_act_op, "dual_act") if z.dim() >= 1 else (None, None)
+    if op is None:
         return None
     m = ctx.block(z)
     index = None if ctx.index is None else ctx.row_index(m)
-    out, _ = dual_act_op.dual_act(z.reshape(z.shape[0], -1), ctx.B * m, index, act, alpha)
-    ctx.kernel = "cpp"
+    out, _ = op(z.reshape(z.shape[0], -1), ctx.B * m, index, act, alpha)
+    ctx.kernel = kernel
     return ctx.mark(out.view(z.shape))
 
 

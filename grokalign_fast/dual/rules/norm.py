@@ -16,7 +16,8 @@ running statistics are exactly those of the plain call, and the tangent is
 estimate stays a sum of per-sample terms. The statistics stay functions of the parameters, so the
 penalty's gradient flows through them. The reference estimators use the same definition
 (:mod:`grokalign_fast.dual.batch_stats`). With the extension's kernels the whole layer is one op,
-``grokalign::dual_batch_norm_train`` (:mod:`grokalign_fast.ops.dual_batch_norm_train`); in ATen ops
+``grokalign::dual_batch_norm_train`` (:mod:`grokalign_fast.ops.dual_batch_norm_train`), with the
+Triton kernels the same op's :mod:`grokalign_fast.ops.dual_batch_norm_train.triton`; in ATen ops
 it is :class:`_BatchNormTrain`, the op's reference on the engine. In eval mode (running statistics)
 batch norm is a per-channel affine map, ``t' = gamma * t / sqrt(running_var + eps)``.
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from ...ops import dual_batch_norm_train as batch_norm_op
 from . import register
 from ._args import arg
+from ._kernels import epilogue
 from ..streams import SampleMixingError, Streams
 
 
@@ -58,10 +60,10 @@ def batch_norm(ctx: Streams, func, args, kwargs):
                 "more than one sample, or eval mode"
             )
         momentum = 0.0 if momentum is None else momentum
-        if ctx.kernels == "cpp" and batch_norm_op.unavailable_reason(z) is None:
-            ctx.kernel = "cpp"
-            return ctx.mark(batch_norm_op.dual_batch_norm_train(z, weight, bias, running_mean, running_var,
-                                                                z_p.shape[0], momentum, eps))
+        op, kernel = epilogue(ctx, z, batch_norm_op, "dual_batch_norm_train")
+        if op is not None:
+            ctx.kernel = kernel
+            return ctx.mark(op(z, weight, bias, running_mean, running_var, z_p.shape[0], momentum, eps))
         return ctx.mark(_BatchNormTrain.apply(z, weight, bias, running_mean, running_var, momentum, eps,
                                               z_p.shape[0]))
     scale = torch.rsqrt(running_var + eps)
