@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "common/dual_smooth_act.h"
-#include "common/row_passes.h"
+#include "cpu/row_passes_cpu.h"
 #include "common/stacked_rows.h"
 
 namespace grokalign {
@@ -23,7 +23,7 @@ using at::Tensor;
 
 // The rows' grain for work proportional to n (1 + riders per primal row) per primal row.
 int64_t grain(int64_t n, int64_t P, int64_t N) {
-  return row_passes::grain_rows(n * ((N + P - 1) / P));
+  return row_passes::cpu::grain_rows(n * ((N + P - 1) / P));
 }
 
 Tensor dual_smooth_act_cpu(const Tensor& s_in, int64_t P, const std::optional<Tensor>& index_in, int64_t act,
