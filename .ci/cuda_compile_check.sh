@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CUDA compile check (no GPU needed): builds grokalign_fast._C with its CUDA
 # kernels against the CUDA build of torch, in a copy of the sources, then
-# imports it and checks that every CUDA kernel the sources register is in the
-# dispatcher and that the CPU op still computes the right numbers.
+# imports it and checks that every op declared in csrc/grokalign.cpp has a CPU
+# kernel (csrc/cpu) and a CUDA kernel (csrc/cuda), that every kernel the sources
+# register (those of csrc/autograd for the Autograd key) is in the dispatcher,
+# and that the CPU op still computes the right numbers.
 #
 #   .ci/cuda_compile_check.sh
 #
@@ -168,33 +170,33 @@ def implemented(path):
     return ops
 
 
-cpu = sorted({n for f in glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp") for n in implemented(f)})
+cpu = sorted({n for f in glob.glob("csrc/cpu/*.cpp") for n in implemented(f)})
 cuda = sorted({n for f in glob.glob("csrc/cuda/*.cu") for n in implemented(f)})
+autograd = sorted({n for f in glob.glob("csrc/autograd/*.cpp") for n in implemented(f)})
 print(f"  registration helpers in csrc/common: {helpers or 'none'}")
 if not declared:
     sys.exit("  no op schema found in csrc/grokalign.cpp")
 errors = []
-for op in sorted(set(cpu + cuda) - set(declared)):
+for op in sorted(set(cpu + cuda + autograd) - set(declared)):
     errors.append(f"{op} is implemented but has no schema in csrc/grokalign.cpp")
-# CUDA: a kernel registered for the CUDA key itself. CPU: a kernel a CPU call reaches (the
-# ops written with ATen only, such as reverse_mlp, register CompositeExplicitAutograd).
-checks = {"CPU": torch._C._dispatch_has_computed_kernel_for_dispatch_key,
-          "CUDA": torch._C._dispatch_has_kernel_for_dispatch_key}
-for key, ops in (("CPU", cpu), ("CUDA", cuda)):
+# Every op is registered per device, for the CPU and the CUDA key itself (no composite kernel, no
+# hand device switch); the differentiable ones also for the Autograd key, in csrc/autograd (C++).
+for op in declared:
+    for key, ops in (("CPU", cpu), ("CUDA", cuda)):
+        if op not in ops:
+            errors.append(f"grokalign::{op} has no {key} kernel in csrc/{key.lower()}")
+    # rademacher_ (an in-place random fill) and the backward ops need none (probe_sqnorm_backward has
+    # one: it is differentiable again).
+    if not op.endswith("_backward") and op != "rademacher_" and op not in autograd:
+        errors.append(f"grokalign::{op} has no autograd kernel in csrc/autograd")
+for key, ops in (("CPU", cpu), ("CUDA", cuda), ("Autograd", autograd)):
     for op in ops:
-        ok = checks[key](f"grokalign::{op}", key)
-        print(f"  {'ok  ' if ok else 'FAIL'} {key:4} kernel registered: grokalign::{op}")
+        ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"grokalign::{op}", key)
+        print(f"  {'ok  ' if ok else 'FAIL'} {key:8} kernel registered: grokalign::{op}")
         if not ok:
             errors.append(f"no {key} kernel registered for grokalign::{op}")
-for op in declared:
-    if op in cuda:
-        continue
-    if torch._C._dispatch_has_kernel_for_dispatch_key(f"grokalign::{op}", "CompositeExplicitAutograd"):
-        print(f"  note: grokalign::{op} serves CUDA through its CompositeExplicitAutograd kernel (ATen ops)")
-    else:
-        print(f"  note: grokalign::{op} has no CUDA implementation in csrc/cuda")
-if not cuda:
-    errors.append("csrc/cuda registers no kernel: nothing to check")
+    if not ops:
+        errors.append(f"no source registers a {key} kernel: nothing to check")
 
 # The CPU op still computes the right numbers in this build.
 g = torch.randn(3, 5, 7, dtype=torch.float64)

@@ -1,6 +1,7 @@
 // Operator schemas of the grokalign namespace: declared once here; every
 // device registers its implementations in its own file (csrc/cpu, csrc/cuda)
-// and the dispatcher picks the device.
+// and the dispatcher picks the device. The differentiable ops register their
+// autograd (the Autograd key) in csrc/autograd, device-agnostic C++.
 #include <torch/library.h>
 
 TORCH_LIBRARY(grokalign, m) {
@@ -11,9 +12,10 @@ TORCH_LIBRARY(grokalign, m) {
   // Backward of probe_sqnorm: grad_g[p,b,n] = (2/P) * g[p,b,n] * grad_out[b]
   m.def("probe_sqnorm_backward(Tensor g, Tensor grad_out) -> Tensor");
 
-  // Fills out (floating point, contiguous, CPU) with independent random signs +-1 from a CPU
-  // generator (None: the default one): the signs grokalign_fast.probes draws for "rademacher"
-  // probes from the same generator state (csrc/cpu/rademacher_cpu.cpp).
+  // Fills out (floating point, contiguous, CPU or CUDA) with independent random signs +-1 from a
+  // generator of out's device (None: the default one): the signs grokalign_fast.probes draws for
+  // "rademacher" probes from the same generator state (csrc/cpu/rademacher_cpu.cpp,
+  // csrc/cuda/rademacher_cuda.cu).
   m.def("rademacher_(Tensor(a!) out, Generator? generator=None) -> ()");
 
   // The dual-stream engine's epilogue of a piecewise-linear activation (grokalign_fast/dual/rules/act.py)
@@ -99,14 +101,14 @@ TORCH_LIBRARY(grokalign, m) {
       "-> (Tensor grad_xt, Tensor grad_weight, Tensor grad_bias)");
 
   // The output-space Hutchinson estimate for a piecewise-linear MLP in one pass
-  // (csrc/cpu/reverse_mlp_cpu.cpp; grokalign_fast/ops/mlp/reverse_mlp.py is the specification).
+  // (csrc/common/reverse_mlp.h; grokalign_fast/ops/mlp/reverse_mlp.py is the specification).
   //   x [B, IN], u [K, R, C] output probes riding on rows index [R] (None: R == B),
   //   weights[l] [n_l, n_{l-1}], biases: the present biases, has_bias[l]: layer l has one,
   //   acts[l]: 0 identity, 1 relu, 2 leaky_relu (slope alphas[l]).
   // Returns y = the MLP's output [B, C], est[r] = (1/K) sum_k ||J(x[index[r]])^T u[k, r]||^2 [R]
   //   (with root=True its square root, whose gradient is 0 where est[r] = 0; either times scale, so
   //   that a penalty weight lambda / R makes sum(est) the weighted batch mean),
-  //   and the state the backward needs (3L - 1 tensors, see reverse_mlp_cpu.cpp).
+  //   and the state the backward needs (3L - 1 tensors, see csrc/common/reverse_mlp.h).
   m.def(
       "reverse_mlp(Tensor x, Tensor u, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
       "int[] acts, float[] alphas, bool root=False, float scale=1.0) -> (Tensor y, Tensor est, Tensor[] saved)");
@@ -116,10 +118,11 @@ TORCH_LIBRARY(grokalign, m) {
       "Tensor[] saved, bool[] has_bias, bool need_x, bool root=False, float scale=1.0) -> (Tensor grad_x, Tensor[] grad_weights, "
       "Tensor[] grad_biases)");
   // The forward-mode (input-space) Hutchinson estimate for a whole piecewise-linear MLP in one pass
-  // (csrc/cpu/dual_mlp_sqnorm_cpu.cpp): the MLP runs on the stacked rows [x; v] with the tangent rows
+  // (csrc/common/dual_mlp_sqnorm.h): the MLP runs on the stacked rows [x; v] with the tangent rows
   // taking the primal rows' slopes. v [K, R, IN] input probes riding on rows index [R];
   // other arguments as reverse_mlp. Returns y [B, C], sq[r] = (1/K) sum_k ||J(x[index[r]]) v[k, r]||^2 [R],
-  // (root and scale as in reverse_mlp) and the state the backward needs (2L tensors, see dual_mlp_sqnorm_cpu.cpp).
+  // (root and scale as in reverse_mlp) and the state the backward needs (2L tensors, see
+  // csrc/common/dual_mlp_sqnorm.h).
   // The backward's arguments are reverse_mlp_backward's.
   m.def(
       "dual_mlp_sqnorm(Tensor x, Tensor v, Tensor? index, Tensor[] weights, Tensor[] biases, bool[] has_bias, "

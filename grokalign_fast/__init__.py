@@ -9,7 +9,7 @@ Main entry points:
     rank, layer-wise centroids, empirical NTK, Fourier Gini;
   - :mod:`grokalign_fast.optim` -- OrthoGrad.
 """
-from . import metrics, ops, optim  # noqa: F401  (ops: registers every extension op's fake and autograd)
+from . import metrics, ops, optim  # noqa: F401  (ops: registers every extension op's fake)
 from ._backends import BackendUnavailableError, available_backends
 from .centroids import centroid, centroid_alignment, centroid_inner_product, centroid_norm
 from .jacobian import jacobian, jacobian_norm

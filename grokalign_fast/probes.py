@@ -9,9 +9,11 @@ so that ``E ||J v||^2 = ||J||_F^2`` (input space, forward mode) and
   i.i.d. choices for Hutchinson's estimator). Drawn as random bytes, each
   expanded to 8 signs through a 256 x 8 lookup table: one 32-bit random draw
   per 32 entries (:func:`rademacher_reference`, ~2x cheaper than Gaussian
-  draws). From a CPU generator the extension op ``grokalign::rademacher_`` draws
-  the same signs in one pass (measured for 50 x 784: ~10 us against ~35 us in
-  ATen calls and ~220 us for Gaussian probes).
+  draws). The extension op ``grokalign::rademacher_`` draws the same signs: from
+  a CPU generator in one pass (measured for 50 x 784: ~10 us against ~35 us in
+  ATen calls and ~220 us for Gaussian probes); from a CUDA generator it draws the
+  reference's words with the reference's own ``randint`` call (so the same
+  Philox state gives the same words) and unpacks their bits in one kernel.
 - ``"sphere"``:     uniform on the sphere of radius sqrt(n). For the output
   space this is the authors' estimator ``C * ||u^T J||^2`` with unit ``u``.
 - ``"orthogonal"``: per sample, k <= n orthonormal directions (a Haar-random
@@ -60,22 +62,25 @@ def rademacher_reference(total: int, dtype: torch.dtype, device: torch.device,
 
 
 def _load_rademacher_op():
-    """``torch.ops.grokalign.rademacher_`` if the extension provides it (its fake registered, for
-    FakeTensor / torch.compile tracing), else None. Run once, at import."""
+    """``(op, device types)``: ``torch.ops.grokalign.rademacher_`` and the device types it has kernels for
+    (its fake registered, for FakeTensor / torch.compile tracing), or ``(None, ())`` without the
+    extension. Run once, at import."""
     from ._backends import extension_ops_reason
 
     if extension_ops_reason(("rademacher_",)) is not None:
-        return None
+        return None, ()
 
     # It writes into out and returns nothing: the fake only checks the argument.
     @torch.library.register_fake("grokalign::rademacher_")
     def _rademacher_fake(out, generator=None):
         torch._check(out.dtype.is_floating_point, lambda: f"rademacher_: out must be floating point, got {out.dtype}")
 
-    return torch.ops.grokalign.rademacher_.default
+    devices = tuple(d for d in ("cpu", "cuda")
+                    if torch._C._dispatch_has_kernel_for_dispatch_key("grokalign::rademacher_", d.upper()))
+    return torch.ops.grokalign.rademacher_.default, devices
 
 
-_RADEMACHER_OP = _load_rademacher_op()
+_RADEMACHER_OP, _RADEMACHER_DEVICES = _load_rademacher_op()
 
 
 def resolve_probes(probes: str, estimator: str) -> str:
@@ -155,21 +160,22 @@ def drawer(
     # targets get correctly normalised probes.
     draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     P = num_probes
-    if kind == "rademacher" and gen_device.type == "cpu" and _RADEMACHER_OP is not None:
-        # The extension's one-pass fill: the same signs, ~10 us instead of ~35 us for 50 x 784.
-        # Signs are exact in every floating dtype, so a CPU target is filled directly.
+    if kind == "rademacher" and gen_device.type in _RADEMACHER_DEVICES:
+        # The extension's fill on the generator's device: the same signs (CPU: ~10 us instead of ~35 us
+        # for 50 x 784). Signs are exact in every floating dtype, so a target on that device is filled
+        # directly.
         fill = _RADEMACHER_OP
-        if device.type == "cpu":
+        if device == gen_device:
 
             def draw(batch: int) -> torch.Tensor:
-                v = torch.empty((P, batch) + shape, dtype=dtype)
+                v = torch.empty((P, batch) + shape, dtype=dtype, device=device)
                 fill(v, generator)
                 return v
 
             return draw
 
         def draw(batch: int) -> torch.Tensor:
-            v = torch.empty((P, batch) + shape, dtype=draw_dtype)
+            v = torch.empty((P, batch) + shape, dtype=draw_dtype, device=gen_device)
             fill(v, generator)
             return v.to(device=device, dtype=dtype)
 

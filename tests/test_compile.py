@@ -113,9 +113,11 @@ def test_a_non_finite_penalty_raises_inside_the_compiled_graph():
         torch.compile(lambda x: reg(x)[1], fullgraph=True)(X)
 
 
-def test_every_op_has_its_fake_right_after_import():
+def test_every_op_has_its_fake_and_cpp_autograd_right_after_import():
     """A fresh interpreter that only imports grokalign_fast: every extension op can be traced with
-    fake tensors (a registered fake, or a composite kernel that runs on them)."""
+    fake tensors (a registered fake: the ops are registered per device, none is a composite that
+    FakeTensor could run), and every autograd kernel is the C++ one of csrc/autograd (so libtorch
+    users get the same gradients), none a Python formula."""
     import subprocess
     import sys
 
@@ -124,10 +126,14 @@ def test_every_op_has_its_fake_right_after_import():
         "from torch._library.simple_registry import singleton\n"
         "names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('grokalign::'))\n"
         "assert names\n"
-        "missing = [n for n in names if singleton.find(n).fake_impl.kernel is None and not "
-        "torch._C._dispatch_has_kernel_for_dispatch_key(n, 'CompositeExplicitAutograd')]\n"
-        "print(len(names), missing)\n"
+        "missing = [n for n in names if singleton.find(n).fake_impl.kernel is None]\n"
+        "autograd = {n: [l for l in torch._C._dispatch_dump(n).splitlines() if l.startswith('Autograd')]\n"
+        "            for n in names}\n"
+        "python = {n: lines for n, lines in autograd.items() if any('csrc/autograd/' not in l for l in lines)}\n"
+        "print(len(names), missing, python)\n"
         "assert not missing, missing\n"
+        "assert not python, python\n"
+        "assert all(autograd[n] for n in names if not n.endswith('_backward') and n != 'grokalign::rademacher_')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,5 +1,5 @@
-"""The op rademacher_ (random signs, C++ on the CPU) against probes.rademacher_reference, and the
-Rademacher probes every path draws."""
+"""The op rademacher_ (random signs: a C++ loop on the CPU, the reference's words unpacked by a kernel
+on CUDA) against probes.rademacher_reference, and the Rademacher probes every path draws."""
 import pytest
 import torch
 
@@ -36,6 +36,43 @@ def test_op_draws_the_reference_signs(dtype):
         got = torch.empty(100, dtype=dtype)
         torch.ops.grokalign.rademacher_(got, None)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_op_draws_the_reference_signs(dtype):
+    """On CUDA (csrc/cuda/rademacher_cuda.cu): grokalign::rademacher_ == probes.rademacher_reference from
+    the same CUDA generator state, leaving the generator in the same state; the default CUDA generator
+    for generator=None; draw_probes with a CUDA generator takes the op and gives the same signs."""
+    needs_op()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("grokalign::rademacher_", "CUDA"):
+        pytest.skip("the extension was built without CUDA kernels")
+    cuda = torch.device("cuda")
+    for seed, total in enumerate([0, 1, 7, 31, 32, 33, 95, 784 * 3 + 5, 4096 * 32 + 17]):
+        g = torch.Generator(device=cuda).manual_seed(seed)
+        want = rademacher_reference(total, torch.float32, cuda, g).to(dtype)
+        state = g.get_state()
+        g.manual_seed(seed)
+        got = torch.empty(total, dtype=dtype, device=cuda)
+        torch.ops.grokalign.rademacher_(got, g)
+        assert torch.equal(got, want), (total, dtype)
+        assert torch.equal(g.get_state(), state)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        torch.cuda.manual_seed(3)
+        want = rademacher_reference(100, torch.float32, cuda, None).to(dtype)
+        torch.cuda.manual_seed(3)
+        got = torch.empty(100, dtype=dtype, device=cuda)
+        torch.ops.grokalign.rademacher_(got, None)
+    assert torch.equal(got, want)
+    from grokalign_fast import probes
+
+    assert "cuda" in probes._RADEMACHER_DEVICES
+    v = ga.draw_probes("rademacher", 2, 5, (3, 7), dtype=dtype, device=cuda,
+                       generator=torch.Generator(device=cuda).manual_seed(4))
+    want = rademacher_reference(2 * 5 * 21, torch.float32, cuda, torch.Generator(device=cuda).manual_seed(4))
+    assert v.dtype == dtype and torch.equal(v, want.to(dtype).reshape(2, 5, 3, 7))
+    with pytest.raises(RuntimeError, match="generator must be a CUDA generator"):
+        torch.ops.grokalign.rademacher_(torch.empty(4, device=cuda), torch.Generator())
 
 
 def test_op_refuses_bad_out():

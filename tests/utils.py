@@ -253,9 +253,9 @@ class WholeMLPOpChecks:
         raise NotImplementedError
 
     def op(self, device="cpu"):
-        """The op; skips the test, with the reason, where it is not built (written with ATen calls
-        and CPU loops, it serves every device in :data:`DEVICES`)."""
-        reason = _backends.extension_ops_reason((self.OP, self.OP + "_backward"))
+        """The op; skips the test, with the reason, where it is not built for ``device`` (it is
+        registered for the CPU and, in a CUDA build, the CUDA key)."""
+        reason = _backends.op_unavailable_reason((self.OP, self.OP + "_backward"), torch.zeros(1, device=device))
         if reason is not None:
             pytest.skip(f"{self.OP} on {device}: {reason}")
         return getattr(torch.ops.grokalign, self.OP)
@@ -301,9 +301,9 @@ class WholeMLPOpChecks:
     @pytest.mark.parametrize("act", PL_ACTS, ids=repr)
     @pytest.mark.parametrize("root", [False, True])
     def test_aten_fallback_equals_cpu_loops(self, act, root):
-        """The whole-MLP ops run their elementwise passes as CPU loops for float / double
-        (csrc/common/pl_rows.h) and as ATen ops elsewhere (other devices, other dtypes). bfloat16 on
-        the CPU takes the ATen path: from the same bfloat16 values, its outputs and gradients match
+        """The whole-MLP ops run their elementwise passes on the CPU as loops for float / double
+        (csrc/cpu/row_passes_cpu.h) and as ATen ops for other dtypes (csrc/common/row_passes.h).
+        bfloat16 on the CPU takes the ATen path: from the same bfloat16 values, its outputs and gradients match
         the float64 loops up to bfloat16 rounding (a wrong slope row, a lost mask or a lost scale is an
         O(1) error)."""
         op, _, _, x, probes, idx, (weights, biases, *rest) = self.case([9, 8, 7, 3], [act, act, None],
@@ -316,6 +316,36 @@ class WholeMLPOpChecks:
             got[dtype] = outputs_and_grads((y, est), leaves)
         for a, b in zip(got[torch.bfloat16], got[torch.float64]):
             assert max_rel_err(a, b) <= 0.05
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    @pytest.mark.parametrize("act", PL_ACTS, ids=repr)
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("root", [False, True])
+    def test_cuda_kernels_equal_the_cpu_loops(self, act, dtype, root):
+        """The CUDA row-pass kernels (csrc/cuda/row_passes_cuda.cu) against the CPU op on the same
+        values: outputs and every gradient (x, weights, biases), with a repeated index row, a zero
+        probe row (est = 0 under root) and a scale. float64 to 1e-10; float32 and bfloat16 against the
+        float64 CPU op on the same rounded values, to 1e-4 and 0.05 relative (a wrong slope row, a
+        lost mask or a lost scale is an O(1) error)."""
+        self.op("cuda")
+        op, _, _, x, probes, idx, (weights, biases, *rest) = self.case([9, 8, 7, 3], [act, act, None],
+                                                                        [True, False, True], seed=5)
+        probes[:, 1] = 0.0
+        got = {}
+        for device, dt in (("cuda", dtype), ("cpu", torch.float64)):
+            leaves = [t.detach().to(dtype).to(device=device, dtype=dt).requires_grad_(True)
+                      for t in [x] + weights + biases]
+            xs, ws, bs = leaves[0], leaves[1:1 + len(weights)], leaves[1 + len(weights):]
+            y, est, _ = op(xs, probes.to(dtype).to(device=device, dtype=dt), idx.to(device), ws, bs, *rest, root,
+                           0.37)
+            got[device] = outputs_and_grads((y, est), leaves)
+        if dtype == torch.float64:
+            assert_close_all(got["cuda"], got["cpu"])
+        else:
+            bound = 1e-4 if dtype == torch.float32 else 0.05
+            for a, b in zip(got["cuda"], got["cpu"]):
+                assert a.device.type == "cuda" and a.dtype == dtype
+                assert max_rel_err(a, b) <= bound
 
     def test_refuses_an_out_of_range_index(self):
         op = self.op()

@@ -11,7 +11,7 @@
 #include <tuple>
 
 #include "common/dual_act.h"
-#include "common/row_passes.h"
+#include "cpu/row_passes_cpu.h"
 
 namespace grokalign {
 namespace {
@@ -30,7 +30,7 @@ void apply_mask(const Tensor& in, const Tensor& mask, Tensor& out, int64_t P, co
     scalar_t* op = out.data_ptr<scalar_t>();
     // d = off + (1 - off) * mask: branch-free, so the inner loop vectorises.
     const acc_t off_v = static_cast<acc_t>(off), on_v = acc_t(1) - static_cast<acc_t>(off);
-    at::parallel_for(0, N, row_passes::grain_rows(n), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, N, row_passes::cpu::grain_rows(n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t src = r < P ? r : (idx ? idx[(r - P) % R] : (r - P) % P);
         const uint8_t* __restrict__ m = mp + src * n;
@@ -51,14 +51,14 @@ std::tuple<Tensor, Tensor> dual_act_cpu(const Tensor& s_in, int64_t P, const std
   std::optional<Tensor> index;
   if (index_in.has_value() && index_in->defined()) {
     index = index_in->contiguous();
-    row_passes::check_index_range("dual_act", index, P);
+    stacked_rows::check_index_range("dual_act", index, P);
   }
   const int64_t n = s.size(1);
   Tensor mask = at::empty({P, n}, s.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dual_act_mask_cpu", [&] {
     const scalar_t* zp = s.data_ptr<scalar_t>();
     uint8_t* mp = mask.data_ptr<uint8_t>();
-    at::parallel_for(0, P * n, row_passes::grain_elems(), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, P * n, row_passes::cpu::grain_elems(), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) mp[i] = zp[i] > scalar_t(0);
     });
   });
@@ -76,7 +76,7 @@ Tensor dual_act_backward_cpu(const Tensor& grad_in, const Tensor& mask_in, int64
   std::optional<Tensor> index;
   if (index_in.has_value() && index_in->defined()) {
     index = index_in->contiguous();
-    row_passes::check_index_range("dual_act_backward", index, P);
+    stacked_rows::check_index_range("dual_act_backward", index, P);
   }
   Tensor out = at::empty_like(grad);
   apply_mask(grad, mask, out, P, index, R, dual_act::off_slope(act, alpha));

@@ -15,7 +15,7 @@
 #include <tuple>
 
 #include "common/dual_batch_norm_train.h"
-#include "common/row_passes.h"
+#include "cpu/row_passes_cpu.h"
 
 namespace grokalign {
 namespace {
@@ -24,7 +24,7 @@ using at::Tensor;
 namespace bn = dual_batch_norm_train;
 
 // Channels per task for per-channel work of `per_channel` elements.
-int64_t channel_grain(int64_t per_channel) { return row_passes::grain_rows(per_channel); }
+int64_t channel_grain(int64_t per_channel) { return row_passes::cpu::grain_rows(per_channel); }
 
 std::tuple<Tensor, Tensor, Tensor> dual_batch_norm_train_cpu(const Tensor& s_in, const std::optional<Tensor>& weight,
                                                              const std::optional<Tensor>& bias, int64_t P,
@@ -66,7 +66,7 @@ std::tuple<Tensor, Tensor, Tensor> dual_batch_norm_train_cpu(const Tensor& s_in,
     const opmath_t* bp = b.data_ptr<opmath_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const opmath_t e = static_cast<opmath_t>(eps);
-    at::parallel_for(0, N * C, row_passes::grain_rows(L), [&](int64_t q0, int64_t q1) {
+    at::parallel_for(0, N * C, row_passes::cpu::grain_rows(L), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r = q / C, c = q - r * C;
         const opmath_t scale = bn::invstd(vp[c], e) * wp[c];
@@ -132,7 +132,7 @@ std::tuple<Tensor, Tensor, Tensor> dual_batch_norm_train_backward_cpu(
     if (!output_mask[0]) return;
     scalar_t* op = grad_s.data_ptr<scalar_t>();
     const opmath_t inv_n = opmath_t(1) / static_cast<opmath_t>(n);
-    at::parallel_for(0, N * C, row_passes::grain_rows(L), [&](int64_t q0, int64_t q1) {
+    at::parallel_for(0, N * C, row_passes::cpu::grain_rows(L), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r = q / C, c = q - r * C;
         const opmath_t is = bn::invstd(vp[c], e);

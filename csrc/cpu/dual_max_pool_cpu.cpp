@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "common/dual_max_pool.h"
-#include "common/row_passes.h"
+#include "cpu/row_passes_cpu.h"
 #include "common/stacked_rows.h"
 
 namespace grokalign {
@@ -35,7 +35,7 @@ Tensor dual_max_pool_cpu(const Tensor& z_in, const Tensor& idx_in, const std::op
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "dual_max_pool_cpu", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, row_passes::grain_rows(Lout), [&](int64_t q0, int64_t q1) {
+    at::parallel_for(0, N * C, row_passes::cpu::grain_rows(Lout), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r = q / C, c = q - r * C;
         const int64_t* a = am + (stacked_rows::source_row(r, P, ip, R) * C + c) * Lout;
@@ -66,7 +66,7 @@ Tensor dual_max_pool_backward_cpu(const Tensor& grad_in, const Tensor& idx_in, c
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, row_passes::grain_rows(L + Lout), [&](int64_t q0, int64_t q1) {
+    at::parallel_for(0, N * C, row_passes::cpu::grain_rows(L + Lout), [&](int64_t q0, int64_t q1) {
       std::vector<acc_t> acc(L);
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t r = q / C, c = q - r * C;

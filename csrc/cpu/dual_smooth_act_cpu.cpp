@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "common/dual_smooth_act.h"
-#include "common/row_passes.h"
+#include "cpu/row_passes_cpu.h"
 #include "common/stacked_rows.h"
 
 namespace grokalign {
@@ -80,7 +80,7 @@ void for_each_row_piece(int64_t e0, int64_t e1, int64_t n, F&& f) {
 
 // The grain of the primal block's entries for work proportional to 1 + riders per primal entry.
 int64_t grain(int64_t P, int64_t N) {
-  const int64_t per = std::max<int64_t>(1, row_passes::grain_elems() / ((N + P - 1) / P));
+  const int64_t per = std::max<int64_t>(1, row_passes::cpu::grain_elems() / ((N + P - 1) / P));
   return (per + kTile - 1) / kTile * kTile;
 }
 

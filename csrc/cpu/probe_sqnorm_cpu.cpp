@@ -5,7 +5,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-#include "common/row_passes.h"
+#include "cpu/row_passes_cpu.h"
 
 namespace grokalign {
 
@@ -23,7 +23,8 @@ at::Tensor probe_sqnorm_cpu(const at::Tensor& g_in) {
   const int64_t P = g.size(0), B = g.size(1), N = g.size(2);
   at::Tensor out = at::empty({B}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "probe_sqnorm_cpu", [&] {
-    row_passes::sum_sq_rows(g.data_ptr<scalar_t>(), N, N, P, B, /*root=*/false, /*scale=*/1.0, out.data_ptr<scalar_t>());
+    row_passes::cpu::sum_sq_rows(g.data_ptr<scalar_t>(), N, N, P, B, /*root=*/false, /*scale=*/1.0,
+                                 out.data_ptr<scalar_t>());
   });
   return out;
 }

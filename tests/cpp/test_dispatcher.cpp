@@ -3,11 +3,14 @@
 // registers them), runs them on the CPU and compares with plain ATen. Built
 // with GROKALIGN_TEST_CUDA (CMake: GROKALIGN_WITH_CUDA=ON), it also requires the
 // CUDA kernels to be registered and, when a GPU is present, checks their numbers.
+// The ops' autograd is C++ (csrc/autograd), so gradients flow here too: checked
+// for one epilogue op against autograd through the same formula in ATen.
 // Exit status 0 when every check passes, 1 otherwise.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
 #include <optional>
@@ -178,6 +181,29 @@ void check_epilogues() {
   expect_close(out, want, 1e-12, 1e-12, "dual_batch_norm_train against ATen");
 }
 
+// A libtorch user gets the gradient of an epilogue op: dual_smooth_act (tanh, the term s''(z) t of the
+// tangent rows included) called through the dispatcher on rows that require a gradient, against
+// autograd through the same map written with ATen ops.
+void check_epilogue_gradient() {
+  using SmoothFn = at::Tensor(const at::Tensor&, int64_t, const std::optional<at::Tensor>&, int64_t, double, double,
+                              double);
+  const auto smooth =
+      c10::Dispatcher::singleton().findSchemaOrThrow("grokalign::dual_smooth_act", "").typed<SmoothFn>();
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor index = at::tensor(std::vector<int64_t>{2, 0});
+  const at::Tensor src = index.repeat({2});
+  const at::Tensor rows = at::randn({7, 5}, opts), cot = at::randn({7, 5}, opts);
+  const at::Tensor s = rows.clone().set_requires_grad(true), s_ref = rows.clone().set_requires_grad(true);
+  const at::Tensor out = smooth.call(s, 3, index, 6, 1.0, 1.0, 20.0);
+  expect(out.requires_grad(), "dual_smooth_act's output carries a gradient (its C++ autograd)");
+  if (!out.requires_grad()) return;
+  const at::Tensor got = torch::autograd::grad({out}, {s}, {cot})[0];
+  const at::Tensor th = at::tanh(s_ref.slice(0, 0, 3));
+  const at::Tensor ref = at::cat({th, s_ref.slice(0, 3) * (1 - th.pow(2)).index_select(0, src)});
+  const at::Tensor want = torch::autograd::grad({ref}, {s_ref}, {cot})[0];
+  expect_close(got, want, 1e-12, 1e-12, "dual_smooth_act's gradient (tanh) against autograd through ATen");
+}
+
 }  // namespace
 
 int main() {
@@ -209,6 +235,7 @@ int main() {
     check_reverse_mlp();
     check_rademacher();
     check_epilogues();
+    check_epilogue_gradient();
 #ifdef GROKALIGN_TEST_CUDA
     expect(sqnorm.hasKernelForDispatchKey(c10::DispatchKey::CUDA), "probe_sqnorm has a CUDA kernel");
     expect(sqnorm_backward.hasKernelForDispatchKey(c10::DispatchKey::CUDA),

@@ -2,10 +2,10 @@ r"""C++/CUDA backend of ``attention_jvp``: the ops ``torch.ops.grokalign.attenti
 ``torch.ops.grokalign.attention_jvp_backward`` (schemas in ``csrc/grokalign.cpp``, kernels in
 ``csrc/cpu/attention_jvp_cpu.cpp`` and ``csrc/cuda/attention_jvp_cuda.cu``).
 
-This module registers the ops' fakes (shapes, for torch.compile) and the autograd formula (the
-backward op, from the inputs, ``o``, ``o_t`` and the row statistics ``lse`` and ``mu`` the forward
-returns; first order only), says when the ops cannot serve (:func:`unavailable_reason`) and gives the
-entry point :func:`attention_jvp_cpp`. The kernels are blockwise (flash-style): memory linear in the
+This module registers the ops' fakes (shapes, for torch.compile), says when the ops cannot serve
+(:func:`unavailable_reason`) and gives the entry point :func:`attention_jvp_cpp`. The autograd is C++
+(``csrc/autograd/attention_jvp_autograd.cpp``: the backward op, from the inputs, ``o``, ``o_t`` and the
+row statistics ``lse`` and ``mu`` the forward returns; first order only). The kernels are blockwise (flash-style): memory linear in the
 sequence lengths, never the ``[T, S]`` scores. The math: :mod:`.reference`.
 """
 from __future__ import annotations
@@ -45,25 +45,6 @@ if _backends.extension_ops_reason(_OPS) is None:
     @torch.library.register_fake("grokalign::attention_jvp_backward")
     def _attention_jvp_backward_fake(grad_o, grad_o_t, q, k, v, q_t, k_t, v_t, o, o_t, lse, mu, causal, scale):
         return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, q_t, k_t, v_t))
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, q_t, k_t, v_t, causal, scale = inputs
-        o, o_t, lse, mu = output
-        # lse and mu are the backward's state, not results to differentiate; an unused o or o_t
-        # reaches the backward as None (the op takes None as zero).
-        ctx.mark_non_differentiable(lse, mu)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, q_t, k_t, v_t, o, o_t, lse, mu)
-        ctx.causal, ctx.scale = causal, scale
-
-    def _backward(ctx, grad_o, grad_o_t, _grad_lse, _grad_mu):
-        if grad_o is None and grad_o_t is None:
-            return (None,) * 8
-        grads = torch.ops.grokalign.attention_jvp_backward(grad_o, grad_o_t, *ctx.saved_tensors, ctx.causal,
-                                                           ctx.scale)
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None)
-
-    torch.library.register_autograd("grokalign::attention_jvp", _backward, setup_context=_setup_context)
 
 
 def attention_jvp_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,

@@ -8,8 +8,9 @@ the same multiply. One pass over the rows, reading each row's primal mask in pla
 plain-PyTorch rule (:func:`reference`) takes a compare, a conversion, a gather of the mask rows for a
 subsample, and a multiply.
 
-Kernels: ``csrc/cpu/dual_act_cpu.cpp``, ``csrc/cuda/dual_act_cuda.cu``; this module registers the
-fakes and the autograd formula, and :func:`unavailable_reason` says when the op cannot serve.
+Kernels: ``csrc/cpu/dual_act_cpu.cpp``, ``csrc/cuda/dual_act_cuda.cu``; autograd (C++, so libtorch
+users get gradients too): ``csrc/autograd/dual_act_autograd.cpp``. This module registers the fakes
+(for FakeTensor and torch.compile), and :func:`unavailable_reason` says when the op cannot serve.
 """
 from __future__ import annotations
 
@@ -49,21 +50,6 @@ if _backends.extension_ops_reason(_OPS) is None:
     @torch.library.register_fake("grokalign::dual_act_backward")
     def _dual_act_backward_fake(grad, mask, primal_rows, index, act, alpha):
         return torch.empty_like(grad)
-
-    def _setup_context(ctx, inputs, output):
-        _, primal_rows, index, act, alpha = inputs
-        ctx.save_for_backward(output[1], index)
-        ctx.primal_rows, ctx.act, ctx.alpha = primal_rows, act, alpha
-
-    def _backward(ctx, grad_out, grad_mask):
-        mask, index = ctx.saved_tensors
-        if grad_out is None:
-            return None, None, None, None, None
-        grad = torch.ops.grokalign.dual_act_backward(grad_out.contiguous(), mask, ctx.primal_rows, index, ctx.act,
-                                                     ctx.alpha)
-        return grad, None, None, None, None
-
-    torch.library.register_autograd("grokalign::dual_act", _backward, setup_context=_setup_context)
 
 
 def dual_act(s: torch.Tensor, primal_rows: int, index: Optional[torch.Tensor], act: str, alpha: float = 0.01):

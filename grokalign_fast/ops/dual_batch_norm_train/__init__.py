@@ -24,9 +24,10 @@ mean`` and the same for ``running_var`` with the unbiased variance ``var * n / (
 
 The op saves the input rows and the two ``[C]`` statistics. Kernels:
 ``csrc/cpu/dual_batch_norm_train_cpu.cpp``, ``csrc/cuda/dual_batch_norm_train_cuda.cu`` (the
-math in ``csrc/common/dual_batch_norm_train.h``); this module registers the fakes and the autograd
-formula, :func:`unavailable_reason` says when the op cannot serve, and :func:`reference` is the
-same map in plain PyTorch (autograd through the statistics).
+math in ``csrc/common/dual_batch_norm_train.h``); autograd (C++):
+``csrc/autograd/dual_batch_norm_train_autograd.cpp``. This module registers the fakes, updates the
+running statistics (:func:`dual_batch_norm_train`), :func:`unavailable_reason` says when the op cannot
+serve, and :func:`reference` is the same map in plain PyTorch (autograd through the statistics).
 """
 from __future__ import annotations
 
@@ -94,25 +95,6 @@ if _backends.extension_ops_reason(_OPS) is None:
 
         return (torch.empty_like(s) if output_mask[0] else s.new_empty((0,))), channel(output_mask[1]), \
             channel(output_mask[2])
-
-    def _setup_context(ctx, inputs, output):
-        s, weight, bias, primal_rows, eps = inputs
-        _, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(s, weight, mean, var)
-        ctx.primal_rows, ctx.eps = primal_rows, eps
-        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-
-    def _backward(ctx, grad_out, grad_mean, grad_var):
-        s, weight, mean, var = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], weight is not None and need[1], ctx.dtypes[1] is not None and need[2]]
-        gs, gw, gb = torch.ops.grokalign.dual_batch_norm_train_backward(
-            grad_out.contiguous(), s, weight, mean, var, ctx.primal_rows, ctx.eps, mask)
-        return (gs if mask[0] else None, gw.to(ctx.dtypes[0]) if mask[1] else None,
-                gb.to(ctx.dtypes[1]) if mask[2] else None, None, None)
-
-    torch.library.register_autograd("grokalign::dual_batch_norm_train", _backward, setup_context=_setup_context)
 
 
 def dual_batch_norm_train(s: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

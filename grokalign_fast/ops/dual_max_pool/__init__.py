@@ -14,8 +14,8 @@ index) is saved. The plain-PyTorch rule (:func:`reference`) gathers the same way
 for every tangent row when the penalty rides on a subsample.
 
 Kernels: ``csrc/cpu/dual_max_pool_cpu.cpp``, ``csrc/cuda/dual_max_pool_cuda.cu`` (checks in
-``csrc/common/dual_max_pool.h``); this module registers the fakes and the autograd formula, and
-:func:`unavailable_reason` says when the op cannot serve.
+``csrc/common/dual_max_pool.h``); autograd (C++): ``csrc/autograd/dual_max_pool_autograd.cpp``. This
+module registers the fakes, and :func:`unavailable_reason` says when the op cannot serve.
 """
 from __future__ import annotations
 
@@ -55,17 +55,6 @@ if _backends.extension_ops_reason(_OPS) is None:
     @torch.library.register_fake("grokalign::dual_max_pool_backward")
     def _dual_max_pool_backward_fake(grad, idx, index, length):
         return grad.new_empty((grad.shape[0], grad.shape[1], length))
-
-    def _setup_context(ctx, inputs, output):
-        z, idx, index = inputs
-        ctx.save_for_backward(idx, index)
-        ctx.length = z.shape[2]
-
-    def _backward(ctx, grad_out):
-        idx, index = ctx.saved_tensors
-        return torch.ops.grokalign.dual_max_pool_backward(grad_out.contiguous(), idx, index, ctx.length), None, None
-
-    torch.library.register_autograd("grokalign::dual_max_pool", _backward, setup_context=_setup_context)
 
 
 def dual_max_pool(z: torch.Tensor, idx: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:

@@ -34,8 +34,8 @@ softplus    u > th ? z : log(1 + e^u) / b   u > th ? 1 : sig(u)          u > th 
 are those of the MLP ops (:data:`grokalign_fast.ops.mlp.reference.ACT_CODE`).
 
 Kernels: ``csrc/cpu/dual_smooth_act_cpu.cpp``, ``csrc/cuda/dual_smooth_act_cuda.cu`` (the math in
-``csrc/common/dual_smooth_act.h``); this module registers the fakes and the autograd formula, and
-:func:`unavailable_reason` says when the op cannot serve. :func:`value` and :func:`slope` are the
+``csrc/common/dual_smooth_act.h``); autograd (C++): ``csrc/autograd/dual_smooth_act_autograd.cpp``.
+This module registers the fakes, and :func:`unavailable_reason` says when the op cannot serve. :func:`value` and :func:`slope` are the
 activations in plain PyTorch, differentiable twice, which the engine's plain rules run.
 """
 from __future__ import annotations
@@ -110,20 +110,6 @@ if _backends.extension_ops_reason(_OPS) is None:
     @torch.library.register_fake("grokalign::dual_smooth_act_backward")
     def _dual_smooth_act_backward_fake(grad, s, primal_rows, index, act, alpha, beta, threshold):
         return torch.empty_like(s)
-
-    def _setup_context(ctx, inputs, output):
-        s, primal_rows, index, act, alpha, beta, threshold = inputs
-        ctx.save_for_backward(s, index)
-        ctx.args = (primal_rows, act, alpha, beta, threshold)
-
-    def _backward(ctx, grad_out):
-        s, index = ctx.saved_tensors
-        P, act, alpha, beta, threshold = ctx.args
-        grad = torch.ops.grokalign.dual_smooth_act_backward(grad_out.contiguous(), s, P, index, act, alpha, beta,
-                                                            threshold)
-        return grad, None, None, None, None, None, None
-
-    torch.library.register_autograd("grokalign::dual_smooth_act", _backward, setup_context=_setup_context)
 
 
 def dual_smooth_act(s: torch.Tensor, primal_rows: int, index: Optional[torch.Tensor], act: str, alpha: float = 1.0,

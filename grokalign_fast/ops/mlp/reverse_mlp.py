@@ -22,8 +22,9 @@ step for one probe over the batch), with the output-space estimator's lower
 variance when there are few outputs.
 
 Two implementations of the same math: the C++ op ``torch.ops.grokalign.reverse_mlp``
-(``csrc/cpu/reverse_mlp_cpu.cpp``: ATen ops for any device, C++ autograd, stacked
-``[h_l; t_l]`` buffers so each weight gradient is one GEMM without a copy) and
+(``csrc/common/reverse_mlp.h``: ATen GEMMs with each device's elementwise passes, registered for
+the CPU and CUDA keys, C++ autograd, stacked ``[h_l; t_l]`` buffers so each weight gradient is one
+GEMM without a copy) and
 :class:`_ReverseMLP` below (Python, the specification and the fallback when the
 extension is not built). Both give the same numbers to rounding (tests).
 """
@@ -33,19 +34,16 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..._backends import extension_ops_reason
+from ... import _backends
 from .model import DropoutStep, FlattenStep, LinearStep, Step
 from .reference import PIECEWISE_LINEAR
 from .whole_mlp import whole_mlp_runner
 
 
 def cpp_unavailable_reason(x: torch.Tensor) -> Optional[str]:
-    """None when the C++ op ``grokalign::reverse_mlp`` can run on ``x``'s device, else why not.
-
-    The op is written with ATen calls only, so a CPU-only build serves CUDA tensors too."""
-    if x.device.type not in ("cpu", "cuda"):
-        return f"grokalign::reverse_mlp runs on cpu and cuda tensors, not {x.device.type}"
-    return extension_ops_reason(("reverse_mlp", "reverse_mlp_backward"))
+    """None when the C++ op ``grokalign::reverse_mlp`` can run on ``x`` (its device and dtype), else
+    why not."""
+    return _backends.op_unavailable_reason(("reverse_mlp", "reverse_mlp_backward"), x)
 
 
 def unavailable_reason(steps: Optional[List[Step]], training: bool) -> Optional[str]:
