@@ -70,6 +70,30 @@ TORCH_LIBRARY(grokalign, m) {
       "dual_batch_norm_train_backward(Tensor grad, Tensor s, Tensor? weight, Tensor mean, Tensor var, "
       "int primal_rows, float eps, bool[3] output_mask) -> (Tensor grad_s, Tensor grad_weight, Tensor grad_bias)");
 
+  // The dual-stream engine's layer norm / RMS norm (and group norm, through grouped parameters) on
+  // stacked rows s [N, n] laid out as for dual_act (grokalign_fast/ops/dual_layer_norm; the math in
+  // csrc/common/dual_layer_norm.h). Per primal row z, with c = 1 (layer norm) or 0 (rms: no centring):
+  //   mean = c mean(z), rstd = 1 / sqrt(mean((z - mean)^2) + eps), x = (z - mean) rstd;
+  //   primal rows:  y = x w + b,     tangent row j:  t' = w rstd (t - c mean(t) - x mean(x t)),  x of src(j).
+  // weight, bias: [n] or [G, n] (one shape; P a multiple of G): primal row p takes row p mod G, a
+  // tangent row its source row's; None: w = 1, b = 0.
+  // Returns out [N, n], mean [P] (0 for rms) and rstd [P] (float for half / bfloat16 rows, else the rows' dtype).
+  m.def(
+      "dual_layer_norm(Tensor s, Tensor? weight, Tensor? bias, int primal_rows, Tensor? index, float eps, bool rms) "
+      "-> (Tensor out, Tensor mean, Tensor rstd)");
+  // Its backward for the cotangent grad [N, n] of out. With h_j = grad_j w for tangent row j, and per
+  // rider j of primal row p: a_j = mean(x t_j), e_j = mean(x h_j), u_j = rstd (t_j - c mean(t_j) - x a_j),
+  // S = sum_j <h_j, u_j>, G = grad_p w - rstd sum_j (a_j h_j + e_j t_j):
+  //   grad_s: tangent rows rstd (h_j - c mean(h_j) - x e_j),
+  //           primal rows  rstd (G - c mean(G) - x (mean(x G) + S / n));
+  //   grad_weight = sum_rows grad_p x + sum_riders grad_j u_j, grad_bias = sum_rows grad_p, per group:
+  //   [groups, n] in the statistics' dtype. output_mask: which of (s, weight, bias) need a gradient
+  //   (the others come back empty).
+  m.def(
+      "dual_layer_norm_backward(Tensor grad, Tensor s, Tensor? weight, Tensor mean, Tensor rstd, int primal_rows, "
+      "Tensor? index, bool rms, int groups, bool[3] output_mask) -> (Tensor grad_s, Tensor grad_weight, "
+      "Tensor grad_bias)");
+
   // Dual-stream Linear(+bias) + activation: the primal batch and K forward-mode
   // tangent streams through y = s(x W^T + b) (grokalign_fast/ops/mlp/reference.py).
   //   x [B, IN], t [K, R, IN], weight [OUT, IN], bias [OUT]?, index [R] long?

@@ -111,8 +111,9 @@ def _assert_same_step(got, want, exact_buffers):
 
 
 class EveryEpilogue(nn.Module):
-    """A CNN through every epilogue of the extension: BatchNorm in train mode, GELU (erf and tanh),
-    SiLU, ReLU, leaky ReLU, tanh, sigmoid, ELU, softplus, an overlapping max-pool and an adaptive one."""
+    """A CNN through every epilogue of the extension: BatchNorm in train mode, GroupNorm, LayerNorm,
+    RMSNorm, GELU (erf and tanh), SiLU, ReLU, leaky ReLU, tanh, sigmoid, ELU, softplus, an overlapping
+    max-pool and an adaptive one."""
 
     def __init__(self):
         super().__init__()
@@ -120,23 +121,29 @@ class EveryEpilogue(nn.Module):
         self.bn1 = nn.BatchNorm2d(4)
         self.c2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(6)
+        self.gn = nn.GroupNorm(3, 6)
         self.bn3 = nn.BatchNorm1d(12)
+        self.ln = nn.LayerNorm(12)
+        self.rn = nn.RMSNorm(12)
         self.head = nn.Linear(12, 5)
         with torch.no_grad():
-            for bn in (self.bn1, self.bn2, self.bn3):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
+            for norm in (self.bn1, self.bn2, self.gn, self.bn3, self.ln, self.rn):
+                norm.weight.uniform_(0.5, 1.5)
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.uniform_(-0.5, 0.5)
 
     def forward(self, x):
         h = F.gelu(self.bn1(self.c1(x)))
         h = F.max_pool2d(F.silu(h) + F.leaky_relu(h, 0.1), 3, stride=2, padding=1)  # overlapping windows
-        h = F.gelu(self.bn2(self.c2(h)), approximate="tanh")
+        h = F.gelu(self.gn(self.bn2(self.c2(h))), approximate="tanh")
         h = torch.tanh(F.adaptive_max_pool2d(torch.relu(h) + F.elu(h, 0.7), (1, 2))).flatten(1)
-        return self.head(torch.sigmoid(self.bn3(h)) + F.softplus(h, beta=2.0, threshold=1.0))
+        return self.head(torch.sigmoid(self.bn3(h)) + F.softplus(self.ln(h), beta=2.0, threshold=1.0) + self.rn(h))
 
 
 EPILOGUES = [("batch_norm", 3), ("gelu", 2), ("silu", 1), ("relu", 1), ("leaky_relu", 1), ("tanh", 1), ("sigmoid", 1),
-             ("elu", 1), ("softplus", 1), ("max_pool", 2), ("probe_sqnorm", 1)]
+             ("elu", 1), ("softplus", 1), ("max_pool", 2), ("group_norm", 1), ("layer_norm", 1), ("rms_norm", 1),
+             ("probe_sqnorm", 1)]
+ATEN_ON_TRITON = ("max_pool", "group_norm", "layer_norm", "rms_norm", "probe_sqnorm")  # no Triton kernel
 
 
 def _epilogue_backends():
@@ -157,7 +164,7 @@ def _epilogue_backends():
                          ids=["all", "subsample", "subsample-squared-K2"])
 def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, device, kw):
     """``backend="cpp"`` (the engine with the extension's epilogues) and ``backend="triton"`` (with the
-    Triton epilogues: every one but the max pool and the row sum of squares) against ``backend="dual"``
+    Triton epilogues: every one but the max pool, the norms and the row sum of squares) against ``backend="dual"``
     (its rules in plain PyTorch) on the same probes and device, in float64: output, penalty, every
     parameter gradient and the running statistics to 1e-10; every epilogue counted as the kernel's on
     one side only."""
@@ -170,7 +177,7 @@ def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, de
     _assert_same_step(got, want, exact_buffers=False)
     counts, plain = got[4].last_plan.counts, want[4].last_plan.counts
     for rule, calls in EPILOGUES:
-        if backend == "triton" and rule in ("max_pool", "probe_sqnorm"):  # ATen ops
+        if backend == "triton" and rule in ATEN_ON_TRITON:  # ATen ops
             assert counts.get(rule, 1) == calls and f"{rule}[triton]" not in counts, counts
             continue
         assert counts[f"{rule}[{backend}]"] == calls and rule not in counts, counts

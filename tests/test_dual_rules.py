@@ -32,12 +32,15 @@ KERNELS = pytest.mark.parametrize("kernels", [
     "torch", pytest.param("cpp", marks=pytest.mark.skipif(CPP is not None, reason=str(CPP))),
     pytest.param("triton", marks=pytest.mark.skipif(TRITON is not None, reason=str(TRITON)))])
 # The cases that call a function with an epilogue in the extension; the Triton epilogues cover them
-# but the max pools.
+# but the max pools and the norms.
 CPP_CASES = {"relu", "relu_method_inplace_module", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "elu",
              "softplus", "max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d", "batch_norm_train_2d",
-             "batch_norm_train_1d", "matmul_dual_dual", "add_sub_mul_div", "dropout_train"}
+             "batch_norm_train_1d", "matmul_dual_dual", "add_sub_mul_div", "dropout_train", "layer_norm",
+             "layer_norm_plain", "group_norm", "group_norm_plain", "rms_norm", "rms_norm_plain"}
+NORM_CASES = {"layer_norm", "layer_norm_plain", "group_norm", "group_norm_plain", "rms_norm", "rms_norm_plain"}
 EPILOGUE_CASES = {"torch": set(), "cpp": CPP_CASES,
-                  "triton": CPP_CASES - {"max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d"}}
+                  "triton": CPP_CASES - {"max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d"}
+                  - NORM_CASES}
 
 
 def _lin(i, o, bias=True):
@@ -111,6 +114,9 @@ CASES = [
     ("layer_norm", Fn(lambda x, m: m["ln"](x), ln=_randomised(nn.LayerNorm((3, 6)))), (5, 3, 6)),
     ("group_norm", Fn(lambda x, m: m["gn"](x), gn=_randomised(nn.GroupNorm(2, 6))), (4, 6, 3, 2)),
     ("rms_norm", Fn(lambda x, m: m["rn"](x), rn=_randomised(nn.RMSNorm(5, eps=1e-3))), (4, 3, 5)),
+    ("layer_norm_plain", Fn(lambda x, m: F.layer_norm(x, (7,), eps=1e-3)), (4, 3, 2, 7)),
+    ("group_norm_plain", Fn(lambda x, m: F.group_norm(x, 3, eps=1e-3)), (4, 6, 5)),
+    ("rms_norm_plain", Fn(lambda x, m: F.rms_norm(x, (2, 5))), (4, 3, 2, 5)),
     ("max_pool1d", Fn(lambda x, m: F.max_pool1d(x, 3, 2)), (5, 2, 9)),
     ("max_pool2d_pad", Fn(lambda x, m: F.max_pool2d(x, 3, stride=2, padding=1)), (5, 2, 7, 6)),
     ("max_pool3d", Fn(lambda x, m: F.max_pool3d(x, 2)), (3, 2, 4, 4, 5)),
@@ -152,7 +158,10 @@ class _FormulaLayerNorm(TorchFunctionMode):
             dims = tuple(range(-len(shape), 0))
             mu = x.mean(dims, keepdim=True)
             var = ((x - mu) ** 2).mean(dims, keepdim=True)
-            return (x - mu) / torch.sqrt(var + named["eps"]) * named["weight"] + named["bias"]
+            y = (x - mu) / torch.sqrt(var + named.get("eps", 1e-5))
+            if named.get("weight") is not None:
+                y = y * named["weight"]
+            return y if named.get("bias") is None else y + named["bias"]
         return func(*args, **kwargs)
 
 

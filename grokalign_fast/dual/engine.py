@@ -193,12 +193,12 @@ def run(
         kernels: which kernels the rules run (one of :data:`KERNELS`): ``"torch"``, every rule in
             plain PyTorch (ATen ops: the rules' reference); ``"cpp"``, the extension's fused
             epilogues where one serves (``grokalign::dual_act``, ``dual_smooth_act``, ``dual_max_pool``,
-            ``dual_batch_norm_train``, counted as ``"<rule>[cpp]"``) and the row sum of squares as
-            ``grokalign::probe_sqnorm`` (counted as ``"probe_sqnorm[cpp]"``); needs the extension.
-            ``"triton"``, the Triton kernels of the same epilogues where they serve (``dual_act``,
-            ``dual_smooth_act``, ``dual_batch_norm_train``, counted as ``"<rule>[triton]"``; the other
-            rules and the row sum of squares in ATen ops); needs triton and a CUDA input, or a CPU
-            input under Triton's interpreter (``TRITON_INTERPRET=1``).
+            ``dual_batch_norm_train``, ``dual_layer_norm``, counted as ``"<rule>[cpp]"``) and the row
+            sum of squares as ``grokalign::probe_sqnorm`` (counted as ``"probe_sqnorm[cpp]"``); needs
+            the extension. ``"triton"``, the Triton kernels of the same epilogues where they serve
+            (``dual_act``, ``dual_smooth_act``, ``dual_batch_norm_train``, counted as
+            ``"<rule>[triton]"``; the other rules and the row sum of squares in ATen ops); needs triton
+            and a CUDA input, or a CPU input under Triton's interpreter (``TRITON_INTERPRET=1``).
         jx: also carry the tangent ``x[index[r]]`` itself (one more stream) and return ``J x`` at each
             row: the offset ``f(x) - J x`` of the local affine map costs that stream.
 

@@ -14,8 +14,9 @@ Backends (``backend=``), fastest first:
   activations); for any other model (or where the fused ops cannot serve, e.g. the offset term) the
   dual-stream engine (:func:`~grokalign_fast.dual.engine.run`) with the extension's epilogues where
   they apply (``grokalign::dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``,
-  ``attention_jvp`` from 64 keys up, ``probe_sqnorm``; ``plan.counts`` shows them as ``"relu[cpp]"``,
-  ``"max_pool[cpp]"``, ``"attention[cpp]"``, ...). Reverse estimator: ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
+  ``dual_layer_norm``, ``attention_jvp`` from 64 keys up, ``probe_sqnorm``; ``plan.counts`` shows
+  them as ``"relu[cpp]"``, ``"max_pool[cpp]"``, ``"layer_norm[cpp]"``, ``"attention[cpp]"``, ...).
+  Reverse estimator: ``grokalign::reverse_mlp`` (piecewise-linear MLPs).
 - ``"triton"``: the forward estimator on Triton kernels (needs triton and a CUDA input, or a CPU
   input under Triton's interpreter). MLP chains run the per-layer Triton ops ``dual_linear*``
   (:mod:`grokalign_fast.ops.mlp.triton`); any other model (or where those cannot serve, e.g. the

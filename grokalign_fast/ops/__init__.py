@@ -12,3 +12,4 @@ from .mlp import cpp as _mlp_cpp  # noqa: F401
 from .mlp import whole_mlp as _whole_mlp  # noqa: F401
 from .probe_sqnorm import cpp as _probe_sqnorm_cpp  # noqa: F401
 from .attention_jvp import cpp as _attention_jvp_cpp  # noqa: F401
+from . import dual_layer_norm  # noqa: F401

@@ -6,7 +6,10 @@ over the normalised features (PAPER.md):
     layer / group norm:  t' = gamma * (t_c - x_hat * mean(x_hat * t_c)) / sigma,   t_c = t - mean(t)
     RMS norm:            t' = gamma * r * (t - x * r^2 * mean(x * t)),             r = 1 / rms(x)
 
-where x, x_hat, sigma and r are the primal row's.
+where x, x_hat, sigma and r are the primal row's. With the extension's kernels (``kernels="cpp"``)
+each of the three is one op, ``grokalign::dual_layer_norm`` (:mod:`grokalign_fast.ops.dual_layer_norm`),
+on the rows of normalised features (group norm: ``[N * G, C/G * L]``, its per-channel affine given to
+the op as ``[G, C/G * L]`` rows); the ATen rules below are its reference on the engine.
 
 **BatchNorm in train mode** normalises with statistics of the whole batch, so each output depends
 on every sample. The engine takes the *per-sample Jacobian with the batch statistics held
@@ -23,10 +26,13 @@ batch norm is a per-channel affine map, ``t' = gamma * t / sqrt(running_var + ep
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ...ops import dual_batch_norm_train as batch_norm_op
+from ...ops import dual_layer_norm as layer_norm_op
 from . import register
 from ._args import arg
 from ._kernels import epilogue
@@ -75,6 +81,20 @@ def batch_norm(ctx: Streams, func, args, kwargs):
     return ctx.add_bias_(z * _channel_view(scale, ndim), _channel_view(shift, ndim))
 
 
+def _by_kernel(ctx: Streams, z: torch.Tensor, n: int, weight, bias, eps: float, rms: bool):
+    """The norm as the extension's one-pass op ``grokalign::dual_layer_norm`` on ``z``'s rows of ``n``
+    normalised features (``weight``, ``bias``: ``[n]``, ``[G, n]`` or None), or None where it cannot
+    serve (then the ATen rule runs)."""
+    if ctx.kernels != "cpp" or n < 1 or z.numel() == 0 or layer_norm_op.unavailable_reason(z) is not None:
+        return None
+    ctx.block(z)  # the leading dimension holds whole samples
+    per_sample = z.numel() // n // ctx.N  # normalised rows per sample
+    index = None if ctx.index is None else ctx.row_index(per_sample)
+    out = layer_norm_op.dual_layer_norm(z.reshape(-1, n), weight, bias, ctx.B * per_sample, index, eps, rms)
+    ctx.kernel = "cpp"
+    return ctx.mark(out.view(z.shape))
+
+
 def _centered_jvp(t: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, dims) -> torch.Tensor:
     """``(t_c - x_hat * mean(x_hat * t_c)) / sigma`` over ``dims``, with ``t_c = t - mean(t)``."""
     tc = t - t.mean(dims, keepdim=True)
@@ -89,6 +109,11 @@ def layer_norm(ctx: Streams, func, args, kwargs):
     eps = float(arg(args, kwargs, 4, "eps", 1e-5))
     if ctx.is_dual(weight) or ctx.is_dual(bias) or len(shape) >= z.dim():
         return None
+    n = math.prod(shape)
+    out = _by_kernel(ctx, z, n, None if weight is None else weight.reshape(n),
+                     None if bias is None else bias.reshape(n), eps, rms=False)
+    if out is not None:
+        return out
     z_p, t, m = ctx.split(z)
     out_p = F.layer_norm(z_p, shape, weight, bias, eps)
     dims = tuple(range(-len(shape), 0))
@@ -109,6 +134,16 @@ def group_norm(ctx: Streams, func, args, kwargs):
     eps = float(arg(args, kwargs, 4, "eps", 1e-5))
     if ctx.is_dual(weight) or ctx.is_dual(bias) or z.dim() < 2:
         return None
+    C, L = z.shape[1], math.prod(z.shape[2:])
+    if groups >= 1 and C % groups == 0:
+        # The per-channel affine as [G, C/G * L] rows of the groups' features (a [C * L] copy, one
+        # sample's size), so the op applies it in its pass.
+        def grouped(p):
+            return None if p is None else p.view(groups, C // groups, 1).expand(-1, -1, L).reshape(groups, -1)
+
+        out = _by_kernel(ctx, z, C // groups * L, grouped(weight), grouped(bias), eps, rms=False)
+        if out is not None:
+            return out
     z_p, t, m = ctx.split(z)
     out_p = F.group_norm(z_p, groups, weight, bias, eps)
     zg = z_p.reshape(z_p.shape[0], groups, -1)
@@ -131,6 +166,10 @@ def rms_norm(ctx: Streams, func, args, kwargs):
     if ctx.is_dual(weight) or len(shape) >= z.dim():
         return None
     eps = torch.finfo(z.dtype).eps if eps is None else float(eps)
+    n = math.prod(shape)
+    out = _by_kernel(ctx, z, n, None if weight is None else weight.reshape(n), None, eps, rms=True)
+    if out is not None:
+        return out
     z_p, t, m = ctx.split(z)
     out_p = F.rms_norm(z_p, shape, weight, eps)
     dims = tuple(range(-len(shape), 0))
