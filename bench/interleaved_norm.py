@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
 from providers import emit, time_interleaved  # noqa: E402
 
 from grokalign_fast import GrokAlign  # noqa: E402

@@ -51,6 +51,16 @@ def test_interleaved_attention_runs():
     assert "| ours_sub0.25 |" in out and "gpt step" in out and "modadd step" in out
 
 
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_interleaved_norm_runs():
+    """The norm benchmark on tiny shapes: it checks the op's rule against the ATen rule (float64,
+    1e-10) before timing, and that the GPT step runs the op only where it is switched on."""
+    out = _run("bench/interleaved_norm.py", "--rounds", "1", "--batch", "2", "--seq", "4", "--width", "8",
+               "--steps", "1")
+    for row in ("| cpp |", "| rms_aten |", "| ours |", "| ours_aten_norm |"):
+        assert row in out
+
+
 def test_long_run_memory_runs():
     out = _run("bench/long_run_memory.py", "--steps", "40", "--every", "20", "--warmup", "20")
     assert "| 40 |" in out and "Largest change after step 20" in out
