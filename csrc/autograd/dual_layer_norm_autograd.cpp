@@ -3,8 +3,8 @@
 // Device-agnostic: the forward and backward ops are called below autograd and the dispatcher sends
 // them to the CPU or CUDA kernels (or to the fakes registered in Python, grokalign_fast/ops/
 // dual_layer_norm, while torch.compile traces). C++ rather than torch.library.register_autograd for
-// the reason csrc/autograd/dual_linear_autograd.cpp gives: a Python formula costs ~0.1-0.2 ms per
-// call, and a GPT step runs two of these per block.
+// the reason csrc/autograd/dual_linear_autograd.cpp gives (a Python formula's cost per call), and a
+// GPT step runs two of these per block.
 //
 // Saved for backward: the rows s, the per-primal-row mean and rstd, the index, and the weight only
 // when s needs a gradient (grad_weight and grad_bias do not read it). The mean and rstd outputs are
