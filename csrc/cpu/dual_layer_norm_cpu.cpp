@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "common/dual_layer_norm.h"
-#include "common/row_passes.h"
+#include "cpu/row_passes_cpu.h"
 #include "common/stacked_rows.h"
 
 namespace grokalign {
@@ -57,7 +57,7 @@ struct Rows {
 };
 
 // The rows' grain for work proportional to n (1 + riders per primal row) per primal row.
-int64_t grain(int64_t n, int64_t P, int64_t N) { return row_passes::grain_rows(n * ((N + P - 1) / P)); }
+int64_t grain(int64_t n, int64_t P, int64_t N) { return row_passes::cpu::grain_rows(n * ((N + P - 1) / P)); }
 
 // weight / bias as [G * n] of the accumulation type, `fill` where None.
 Tensor param_or(const std::optional<Tensor>& p, const Tensor& s, int64_t G, double fill) {
