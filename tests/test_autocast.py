@@ -1,10 +1,12 @@
-"""GrokAlign under ``torch.autocast`` (bfloat16, CPU) on an MLP (the whole-MLP C++ ops), a CNN with
+"""GrokAlign under ``torch.autocast`` (bfloat16, on each device present) on an MLP (the whole-MLP C++ ops), a CNN with
 BatchNorm in train mode and a GPT-style LM (the dual-stream engine).
 
 The penalty and every parameter gradient of one step follow the low-precision rule of
 ``utils.assert_within_twice_plain_error``: against the float64 reference, at most twice the error of
 plain PyTorch (the reference estimator, autograd, under the same autocast) plus the dtype's unit
-roundoff. The gradients are float32 (the parameters'), computed through bfloat16 activations.
+roundoff. The gradients are float32 (the parameters'), computed through bfloat16 activations. The
+devices' autocast policies differ (CUDA's runs the norms in float32, the CPU's in bfloat16); the
+engine's rules follow the policy of the device they run on.
 """
 import copy
 
@@ -14,7 +16,7 @@ import torch
 from grokalign_fast import GrokAlign
 from grokalign_fast.models import GPT, cnn6, mlp
 
-from utils import max_rel_err
+from utils import DEVICES, max_rel_err
 
 CASES = {
     "mlp-forward": (lambda: mlp([20, 48, 48, 10], bias=True, seed=0), lambda g: torch.randn(24, 20, generator=g),
@@ -28,26 +30,28 @@ CASES = {
 }
 
 
-def _step(model, x, estimator, backend, dtype, autocast):
-    """[penalty, *parameter gradients] (float64 copies) and the backend that ran."""
-    m = copy.deepcopy(model).to(dtype)
-    x = x.to(dtype) if x.is_floating_point() else x
-    reg = GrokAlign(m, 0.5, estimator=estimator, backend=backend, generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def _step(model, x, estimator, backend, dtype, autocast, device="cpu"):
+    """[penalty, *parameter gradients] (float64 copies on the CPU) and the backend that ran."""
+    m = copy.deepcopy(model).to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    reg = GrokAlign(m, 0.5, estimator=estimator, backend=backend, generator=gen)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out, pen = reg(x)
         loss = out.float().pow(2).mean() + pen
     grads = torch.autograd.grad(loss, list(m.parameters()))
-    return [pen.detach().double()] + [g.double() for g in grads], reg.last_backend
+    return [pen.detach().double().cpu()] + [g.double().cpu() for g in grads], reg.last_backend
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_penalty_and_gradients_under_bf16_autocast_follow_the_2x_rule(case):
+def test_penalty_and_gradients_under_bf16_autocast_follow_the_2x_rule(case, device):
     build, data, estimator, backend = CASES[case]
     torch.manual_seed(0)
     model, x = build(), data(torch.Generator().manual_seed(1))
-    exact, _ = _step(model, x, estimator, "reference", torch.float64, False)
-    plain, _ = _step(model, x, estimator, "reference", torch.float32, True)
-    ours, used = _step(model, x, estimator, "auto", torch.float32, True)
+    exact, _ = _step(model, x, estimator, "reference", torch.float64, False, device)
+    plain, _ = _step(model, x, estimator, "reference", torch.float32, True, device)
+    ours, used = _step(model, x, estimator, "auto", torch.float32, True, device)
     assert used != "reference"
     if backend is not None:
         assert used == backend

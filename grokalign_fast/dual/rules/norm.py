@@ -81,12 +81,16 @@ def batch_norm(ctx: Streams, func, args, kwargs):
     return ctx.add_bias_(z * _channel_view(scale, ndim), _channel_view(shift, ndim))
 
 
-def _by_kernel(ctx: Streams, z: torch.Tensor, n: int, weight, bias, eps: float, rms: bool):
+def _by_kernel(ctx: Streams, z: torch.Tensor, n: int, weight, bias, eps: float, rms: bool, plain=None):
     """The norm as the extension's one-pass op ``grokalign::dual_layer_norm`` on ``z``'s rows of ``n``
     normalised features (``weight``, ``bias``: ``[n]``, ``[G, n]`` or None), or None where it cannot
-    serve (then the ATen rule runs)."""
+    serve (then the ATen rule runs). ``plain(v)``: the plain call on rows ``v``; under autocast the op
+    runs in the dtype it returns for no rows (CUDA's autocast runs the norms in float32)."""
     if ctx.kernels != "cpp" or n < 1 or z.numel() == 0 or layer_norm_op.unavailable_reason(z) is not None:
         return None
+    if plain is not None and torch.is_autocast_enabled(z.device.type):
+        dtype = plain(z[:0]).dtype
+        z = z if dtype == z.dtype else z.to(dtype)
     ctx.block(z)  # the leading dimension holds whole samples
     per_sample = z.numel() // n // ctx.N  # normalised rows per sample
     index = None if ctx.index is None else ctx.row_index(per_sample)
@@ -111,7 +115,8 @@ def layer_norm(ctx: Streams, func, args, kwargs):
         return None
     n = math.prod(shape)
     out = _by_kernel(ctx, z, n, None if weight is None else weight.reshape(n),
-                     None if bias is None else bias.reshape(n), eps, rms=False)
+                     None if bias is None else bias.reshape(n), eps, rms=False,
+                     plain=lambda v: F.layer_norm(v, shape, weight, bias, eps))
     if out is not None:
         return out
     z_p, t, m = ctx.split(z)
@@ -141,7 +146,8 @@ def group_norm(ctx: Streams, func, args, kwargs):
         def grouped(p):
             return None if p is None else p.view(groups, C // groups, 1).expand(-1, -1, L).reshape(groups, -1)
 
-        out = _by_kernel(ctx, z, C // groups * L, grouped(weight), grouped(bias), eps, rms=False)
+        out = _by_kernel(ctx, z, C // groups * L, grouped(weight), grouped(bias), eps, rms=False,
+                         plain=lambda v: F.group_norm(v, groups, weight, bias, eps))
         if out is not None:
             return out
     z_p, t, m = ctx.split(z)
@@ -167,7 +173,8 @@ def rms_norm(ctx: Streams, func, args, kwargs):
         return None
     eps = torch.finfo(z.dtype).eps if eps is None else float(eps)
     n = math.prod(shape)
-    out = _by_kernel(ctx, z, n, None if weight is None else weight.reshape(n), None, eps, rms=True)
+    out = _by_kernel(ctx, z, n, None if weight is None else weight.reshape(n), None, eps, rms=True,
+                     plain=lambda v: F.rms_norm(v, shape, weight, eps))
     if out is not None:
         return out
     z_p, t, m = ctx.split(z)
