@@ -83,3 +83,9 @@ def test_digits_levers_runs():
     """The script runs a scheduled variant to its step cap and prints the capped run as not grokked (None)."""
     out = _run("bench/digits_levers.py", "decay:50:0.5", "--seeds", "0", "--max-steps", "100")
     assert out.strip().splitlines()[-1] == "decay:50:0.5 [(None, None)]"
+
+
+def test_smooth_act_bench_runs():
+    out = _run("bench/smooth_act.py", "--reps", "1", "--rows", "3", "--features", "5")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| act")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "elu", "softplus"]
