@@ -20,10 +20,7 @@ import torch
 
 from .. import _backends
 
-try:  # the modules import without triton; unavailable_reason then says why
-    import triton
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+from ._triton import triton  # None without triton: unavailable_reason then says why
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

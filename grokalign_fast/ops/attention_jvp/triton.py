@@ -66,16 +66,7 @@ from torch.autograd.function import once_differentiable
 
 from ... import _backends
 
-try:  # the module imports without triton; unavailable_reason then says why
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
+from .._triton import jit as _jit, tl, triton  # noqa: F401
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

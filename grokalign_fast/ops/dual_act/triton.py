@@ -28,16 +28,7 @@ from torch.autograd.function import once_differentiable
 from .. import _triton_rows as rows
 from . import ACT
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
+from .._triton import jit as _jit, tl, triton  # noqa: F401
 
 
 @_jit

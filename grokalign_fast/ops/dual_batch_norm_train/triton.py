@@ -42,16 +42,7 @@ from ... import _backends
 from .. import _triton_rows as rows
 from . import update_running_stats
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
+from .._triton import jit as _jit, tl, triton  # noqa: F401
 
 
 # Tiling. A program of the two reductions owns BC channels and one split of the channel's values

@@ -33,16 +33,7 @@ from .. import _triton_rows as rows
 from ..mlp.triton import _act_d1, _act_d2, _act_fwd, _sigmoid
 from . import ACT
 
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
+from .._triton import jit as _jit, tl, triton  # noqa: F401
 
 
 # The kernels' codes of the two activations with parameters of their own (after the MLP ops' 0-7).
