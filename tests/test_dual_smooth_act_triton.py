@@ -16,20 +16,10 @@ import torch
 from grokalign_fast.ops import dual_smooth_act as D
 from grokalign_fast.ops.dual_smooth_act import triton as T
 
+from test_dual_smooth_act import PARAMS, _rows  # the same rows and parameters as the C++ op's tests
 from utils import F64, assert_within_twice_plain_error, max_rel_err, outputs_and_grads, triton_devices
 
 DEVICES = triton_devices()
-PARAMS = dict(alpha=0.7, beta=2.0, threshold=1.5)  # elu's alpha; softplus's beta and threshold (crossed below)
-
-
-def _rows(P, K, R, n, dtype=torch.float64, device="cpu", seed=0, switch_points=True):
-    """[P + K R, n] rows; with ``switch_points`` the first primal row starts at elu's and softplus's
-    switch points (each side takes the branch torch takes there)."""
-    g = torch.Generator().manual_seed(seed)
-    s = 2 * torch.randn(P + K * R, n, generator=g, dtype=torch.float64)
-    if switch_points and n >= 2:
-        s[0, :2] = torch.tensor([0.0, PARAMS["threshold"] / PARAMS["beta"]])
-    return s.to(dtype=dtype, device=device).requires_grad_()
 
 
 def _both(s, P, index, act, dtype=None):
