@@ -105,6 +105,24 @@ def test_low_precision_within_twice_plain_pytorch(dtype, act):
     assert_within_twice_plain_error(ours, plain, exact, names=["out", "grad"])
 
 
+@pytest.mark.parametrize("act", list(D.ACT))
+@pytest.mark.parametrize("P,n", [(7, 61), (2, 20011)], ids=["rows", "rows-longer-than-a-tile"])
+def test_float32_within_twice_plain_pytorch(act, P, n):
+    """float32 rows: gelu, gelu_tanh, silu, tanh and sigmoid run on the CPU with float exp / erf / tanh
+    of their own (csrc/cpu/simd_math.h; their error bounds: tests/cpp/test_simd_math.cpp). Values and
+    gradient at most twice plain PyTorch's float32 error (+ u) against float64, over arguments from
+    -30 to 30, with primal rows that carry no tangent rows (the forward's y-only and the backward's
+    s'-only forms) and rows that carry two."""
+    g = torch.Generator().manual_seed(3)
+    s = 3 * torch.randn(P + 4, n, generator=g, dtype=torch.float64)
+    s[0, : min(n, 61)] = torch.linspace(-30, 30, min(n, 61), dtype=torch.float64)
+    s = s.float().requires_grad_()
+    index = torch.tensor([P - 1, 0])
+    ours, plain = _both(s, P, index, act)
+    exact = _both(s, P, index, act, dtype=torch.float64)[1]
+    assert_within_twice_plain_error(ours, plain, exact, names=["out", "grad"])
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

@@ -68,7 +68,8 @@ def assert_close_all(got, want, names=None, **tol):
 
 
 def assert_within_twice_plain_error(ours, plain, exact, names=None):
-    """The low-precision rule (float16, bfloat16), written once.
+    """The low-precision rule (float16, bfloat16; float32 for kernels with float approximations of their
+    own), written once.
 
     ``ours``: the kernel's outputs in the low dtype; ``plain``: plain PyTorch (the reference
     implementation) run in the same dtype on the same inputs; ``exact``: the float64 reference.
@@ -86,7 +87,7 @@ def assert_within_twice_plain_error(ours, plain, exact, names=None):
     assert len(ours) == len(plain) == len(exact)
     for i, (o, p, e) in enumerate(zip(ours, plain, exact)):
         name = names[i] if names else f"[{i}]"
-        assert o.dtype == p.dtype and o.dtype in (torch.float16, torch.bfloat16), (name, o.dtype, p.dtype)
+        assert o.dtype == p.dtype and o.dtype in (torch.float16, torch.bfloat16, torch.float32), (name, o.dtype, p.dtype)
         err, err_plain = max_rel_err(o, e), max_rel_err(p, e)
         u = torch.finfo(o.dtype).eps / 2
         assert err <= 2 * err_plain + u, f"{name}: ours {err:.3g}, plain PyTorch {err_plain:.3g}"

@@ -21,6 +21,7 @@
 
 #include "common/dual_layer_norm.h"
 #include "cpu/row_passes_cpu.h"
+#include "cpu/simd_math.h"
 #include "common/stacked_rows.h"
 
 namespace grokalign {
@@ -73,21 +74,14 @@ using acc_of = at::opmath_type<scalar_t>;
 // functions rather than inside the row lambdas: a loop in a lambda that reads the row pointers
 // through its captures compiled to scalar code (GCC 12), 1.7x the backward's time.
 //
-// Each is compiled twice on x86-64 Linux with GCC (function multiversioning, an ifunc picked once
-// at load time by the CPU's features): for AVX2 (8 floats a vector) and for the baseline (SSE2, 4). The build
-// has no -mavx2 (the extension runs on any x86-64), so at::vec::Vectorized would be its generic
-// 32-byte arrays here, i.e. the same SSE2 code. On [4096, 256] float rows, half primal, one thread:
-// forward 0.38 -> 0.24 ms, backward 0.58 -> 0.36 ms (AVX-512 clones: within the noise of AVX2).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ROW_TARGETS __attribute__((target_clones("avx2", "default")))
-#else
-#define ROW_TARGETS
-#endif
+// Each is compiled twice (SIMD_TARGETS, csrc/cpu/simd_math.h): for AVX2 and for the baseline. On
+// [4096, 256] float rows, half primal, one thread: forward 0.38 -> 0.24 ms, backward 0.58 -> 0.36 ms
+// against the baseline alone (AVX-512 clones: within the noise of AVX2).
 namespace rows {
 
 // sum(a), or sum((a - mu)^2) with `centred`.
 template <typename T, bool centred>
-ROW_TARGETS
+SIMD_TARGETS
 T sum(const T* __restrict__ a, T mu, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
@@ -100,7 +94,7 @@ T sum(const T* __restrict__ a, T mu, int64_t n) {
 
 // x = (z - mu) r; y = x w + b (y may be nullptr: x only).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 void normalise(const T* __restrict__ z, T mu, T r, const T* __restrict__ w, const T* __restrict__ b,
                T* __restrict__ x, T* __restrict__ y, int64_t n) {
   if (y == nullptr) {
@@ -117,7 +111,7 @@ void normalise(const T* __restrict__ z, T mu, T r, const T* __restrict__ w, cons
 
 // (sum t, sum x t).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 std::array<T, 2> tangent_sums(const T* __restrict__ t, const T* __restrict__ x, int64_t n) {
   T st = 0, sxt = 0;
 #pragma omp simd reduction(+ : st, sxt)
@@ -130,7 +124,7 @@ std::array<T, 2> tangent_sums(const T* __restrict__ t, const T* __restrict__ x, 
 
 // o = w r (t - cm - x a).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 void tangent_out(const T* __restrict__ t, const T* __restrict__ x, const T* __restrict__ w, T r, T cm, T a,
                  T* __restrict__ o, int64_t n) {
 #pragma omp simd
@@ -139,7 +133,7 @@ void tangent_out(const T* __restrict__ t, const T* __restrict__ x, const T* __re
 
 // With h = g w: (sum t, sum x t, sum h, sum x h, sum h t).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 std::array<T, 5> rider_sums(const T* __restrict__ t, const T* __restrict__ g, const T* __restrict__ x,
                             const T* __restrict__ w, int64_t n) {
   T st = 0, sxt = 0, sh = 0, sxh = 0, sht = 0;
@@ -158,7 +152,7 @@ std::array<T, 5> rider_sums(const T* __restrict__ t, const T* __restrict__ g, co
 // With h = g w: o = r (h - cmh - x e) (grad t), acc += a h + e t; and with gw (not nullptr)
 // gw += g r (t - cm - x a) (grad_w's g u).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 void rider_grads(const T* __restrict__ t, const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ w,
                  T r, T cm, T a, T cmh, T e, T* __restrict__ acc, T* __restrict__ o, T* __restrict__ gw, int64_t n) {
   if (gw == nullptr) {
@@ -181,7 +175,7 @@ void rider_grads(const T* __restrict__ t, const T* __restrict__ g, const T* __re
 
 // gw += g r (t - cm - x a).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 void rider_grad_w(const T* __restrict__ t, const T* __restrict__ g, const T* __restrict__ x, T r, T cm, T a,
                   T* __restrict__ gw, int64_t n) {
 #pragma omp simd
@@ -190,7 +184,7 @@ void rider_grad_w(const T* __restrict__ t, const T* __restrict__ g, const T* __r
 
 // gw += gy x (gw not nullptr), gb += gy (gb not nullptr).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 void primal_param_grads(const T* __restrict__ gy, const T* __restrict__ x, T* __restrict__ gw, T* __restrict__ gb,
                         int64_t n) {
   if (gw != nullptr && gb != nullptr) {
@@ -210,7 +204,7 @@ void primal_param_grads(const T* __restrict__ gy, const T* __restrict__ x, T* __
 
 // acc = gy w - r acc (G, in place); returns (sum G, sum x G).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 std::array<T, 2> primal_cotangent(const T* __restrict__ gy, const T* __restrict__ w, const T* __restrict__ x, T r,
                                   T* __restrict__ acc, int64_t n) {
   T sG = 0, sGx = 0;
@@ -226,7 +220,7 @@ std::array<T, 2> primal_cotangent(const T* __restrict__ gy, const T* __restrict_
 
 // o = r (G - cmG - x k).
 template <typename T>
-ROW_TARGETS
+SIMD_TARGETS
 void primal_grad(const T* __restrict__ G, const T* __restrict__ x, T r, T cmG, T k, T* __restrict__ o, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) o[i] = r * (G[i] - cmG - x[i] * k);
