@@ -1,12 +1,12 @@
 """Compile the Triton epilogue kernels of the dual-stream engine (dual_act, dual_smooth_act,
-dual_batch_norm_train) for an H100/H200 (sm_90) on a machine without a GPU, the way a GPU compiles
-them (not interpreted), and print one JSON line per kernel variant: whether it compiled to a cubin,
-and its shared memory.
+dual_batch_norm_train, dual_layer_norm) for an H100/H200 (sm_90) on a machine without a GPU, the way a
+GPU compiles them (not interpreted), and print one JSON line per kernel variant: whether it compiled to
+a cubin, and its shared memory.
 
 Run by tests/test_dual_smooth_act_triton.py in a process without TRITON_INTERPRET. The kernels are
 compiled for bfloat16 and float64 rows (see ``_cases``), with and without an index, with the block
-sizes a GPU launch gives (``_triton_rows.row_blocks``, the batch norm's ``_tiles``) for a large
-problem (the kernels take row-major buffers: no stride specialisation).
+sizes a GPU launch gives (``_triton_rows.row_blocks``, the batch norm's ``_tiles``, the layer norm's
+``_block``) for a large problem (the kernels take row-major buffers: no stride specialisation).
 """
 import json
 import os
@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from grokalign_fast.ops import _triton_rows as rows  # noqa: E402
 from grokalign_fast.ops.dual_act import triton as act  # noqa: E402
 from grokalign_fast.ops.dual_batch_norm_train import triton as bn  # noqa: E402
+from grokalign_fast.ops.dual_layer_norm import triton as ln  # noqa: E402
 from grokalign_fast.ops.dual_smooth_act import ACT as SMOOTH  # noqa: E402
 from grokalign_fast.ops.dual_smooth_act import triton as smooth  # noqa: E402
 
@@ -37,7 +38,8 @@ def _compile(kernel, types, consts, warps=4):
 
 def _cases():
     """bfloat16 for every kernel and activation; float64 (libdevice's exp, erf, log and sqrt in
-    double) for one activation of each kind (the erf GELU, softplus) and the batch norm."""
+    double) for one activation of each kind (the erf GELU, softplus), the batch norm and the layer
+    norm."""
     br, bn_ = rows.row_blocks(4096, 4096)
     idx = dict(offsets_ptr="*i64", riders_ptr="*i64")
     for dt, ptr in TYPES.items():
@@ -70,14 +72,30 @@ def _cases():
             consts = dict(BACKWARD=backward, HAS_W=True, HAS_B=not backward, EPS=1e-5, INDEX64=fp64, ACC_FP64=fp64,
                           BLOCK=bn._APPLY_BLOCK)
             yield f"batch_norm apply {dt} backward={backward}", bn._apply_kernel, types, consts
+        # The layer norm: one block of 1024 columns (n = 768) and a loop over 2048-column blocks (n = 4096),
+        # layer norm with weight and bias, RMS norm with weight only, with an index (and without, for one);
+        # bfloat16 rows take float32 parameters.
+        param = "*fp64" if fp64 else "*fp32"
+        layer_norms = ((4096, False, True),) if fp64 else \
+            ((768, False, True), (768, False, False), (768, True, True), (4096, False, True), (4096, True, True))
+        for n, rms, has_index in layer_norms:
+            block, warps = ln._block(n)
+            flags = dict(RMS=rms, HAS_W=True, HAS_INDEX=has_index, ACC_FP64=fp64, BN=block)
+            yield (f"layer_norm fwd {dt} n={n} rms={rms} index={has_index}", ln._fwd_kernel,
+                   dict(s_ptr=ptr, w_ptr=param, b_ptr=param, out_ptr=ptr, mean_ptr=acc, rstd_ptr=acc, **idx),
+                   dict(EPS=1e-5, HAS_B=not rms, **flags), warps)
+            yield (f"layer_norm bwd {dt} n={n} rms={rms} index={has_index}", ln._bwd_kernel,
+                   dict(g_ptr=ptr, s_ptr=ptr, w_ptr=param, mean_ptr=acc, rstd_ptr=acc, grad_ptr=ptr,
+                        scratch_ptr=acc, pw_ptr=acc, pb_ptr=acc, **idx),
+                   dict(NEED_W=True, NEED_B=not rms, **flags), warps)
 
 
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpreter"
-    for name, kernel, types, consts in _cases():
+    for name, kernel, types, consts, *warps in _cases():
         row = dict(kernel=name)
         try:
-            row.update(_compile(kernel, types, consts))
+            row.update(_compile(kernel, types, consts, *warps))
         except Exception as exc:  # reported, and failed by the test
             row.update(error=f"{type(exc).__name__}: {exc}"[:800])
         print(json.dumps(row), flush=True)

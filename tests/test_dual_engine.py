@@ -143,7 +143,7 @@ class EveryEpilogue(nn.Module):
 EPILOGUES = [("batch_norm", 3), ("gelu", 2), ("silu", 1), ("relu", 1), ("leaky_relu", 1), ("tanh", 1), ("sigmoid", 1),
              ("elu", 1), ("softplus", 1), ("max_pool", 2), ("group_norm", 1), ("layer_norm", 1), ("rms_norm", 1),
              ("probe_sqnorm", 1)]
-ATEN_ON_TRITON = ("max_pool", "group_norm", "layer_norm", "rms_norm", "probe_sqnorm")  # no Triton kernel
+ATEN_ON_TRITON = ("max_pool", "probe_sqnorm")  # no Triton kernel
 
 
 def _epilogue_backends():
@@ -164,7 +164,7 @@ def _epilogue_backends():
                          ids=["all", "subsample", "subsample-squared-K2"])
 def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, device, kw):
     """``backend="cpp"`` (the engine with the extension's epilogues) and ``backend="triton"`` (with the
-    Triton epilogues: every one but the max pool, the norms and the row sum of squares) against ``backend="dual"``
+    Triton epilogues: every one but the max pool and the row sum of squares) against ``backend="dual"``
     (its rules in plain PyTorch) on the same probes and device, in float64: output, penalty, every
     parameter gradient and the running statistics to 1e-10; every epilogue counted as the kernel's on
     one side only."""

@@ -1,7 +1,7 @@
 r"""What the Triton epilogues of the dual-stream engine share (:mod:`.dual_act.triton`,
-:mod:`.dual_smooth_act.triton`, :mod:`.dual_batch_norm_train.triton`): the availability check, the
-argument checks of the stacked-row layout (:mod:`._stacked_rows`), the riders' table, the dtype the
-kernels write and the block sizes of the row kernels.
+:mod:`.dual_smooth_act.triton`, :mod:`.dual_batch_norm_train.triton`, :mod:`.dual_layer_norm.triton`):
+the availability check, the argument checks of the stacked-row layout (:mod:`._stacked_rows`), the
+riders' table, the dtype the kernels write and the block sizes of the row kernels.
 
 The row kernels (activations) give each program ``BR`` primal rows and ``BN`` columns: it reads the
 primal values once, computes what the activation needs from them (a mask, ``s'``, ``s''``) into

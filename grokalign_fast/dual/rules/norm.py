@@ -9,7 +9,8 @@ over the normalised features (PAPER.md):
 where x, x_hat, sigma and r are the primal row's. With the extension's kernels (``kernels="cpp"``)
 each of the three is one op, ``grokalign::dual_layer_norm`` (:mod:`grokalign_fast.ops.dual_layer_norm`),
 on the rows of normalised features (group norm: ``[N * G, C/G * L]``, its per-channel affine given to
-the op as ``[G, C/G * L]`` rows); the ATen rules below are its reference on the engine.
+the op as ``[G, C/G * L]`` rows), with the Triton kernels (``kernels="triton"``) the same op's
+:mod:`grokalign_fast.ops.dual_layer_norm.triton`; the ATen rules below are its reference on the engine.
 
 **BatchNorm in train mode** normalises with statistics of the whole batch, so each output depends
 on every sample. The engine takes the *per-sample Jacobian with the batch statistics held
@@ -82,11 +83,16 @@ def batch_norm(ctx: Streams, func, args, kwargs):
 
 
 def _by_kernel(ctx: Streams, z: torch.Tensor, n: int, weight, bias, eps: float, rms: bool, plain=None):
-    """The norm as the extension's one-pass op ``grokalign::dual_layer_norm`` on ``z``'s rows of ``n``
-    normalised features (``weight``, ``bias``: ``[n]``, ``[G, n]`` or None), or None where it cannot
-    serve (then the ATen rule runs). ``plain(v)``: the plain call on rows ``v``; under autocast the op
-    runs in the dtype it returns for no rows (CUDA's autocast runs the norms in float32)."""
-    if ctx.kernels != "cpp" or n < 1 or z.numel() == 0 or layer_norm_op.unavailable_reason(z) is not None:
+    """The norm as the one-pass op ``grokalign::dual_layer_norm`` on ``z``'s rows of ``n`` normalised
+    features (``weight``, ``bias``: ``[n]``, ``[G, n]`` or None), on the extension's kernels or the
+    op's Triton kernels (:mod:`grokalign_fast.ops.dual_layer_norm.triton`) as ``ctx.kernels`` asks, or
+    None where neither can serve (then the ATen rule runs). ``plain(v)``: the plain call on rows
+    ``v``; under autocast the op runs in the dtype it returns for no rows (CUDA's autocast runs the
+    norms in float32)."""
+    if n < 1 or z.numel() == 0:
+        return None
+    op, kernel = epilogue(ctx, z, layer_norm_op, "dual_layer_norm")
+    if op is None:
         return None
     if plain is not None and torch.is_autocast_enabled(z.device.type):
         dtype = plain(z[:0]).dtype
@@ -94,8 +100,8 @@ def _by_kernel(ctx: Streams, z: torch.Tensor, n: int, weight, bias, eps: float, 
     ctx.block(z)  # the leading dimension holds whole samples
     per_sample = z.numel() // n // ctx.N  # normalised rows per sample
     index = None if ctx.index is None else ctx.row_index(per_sample)
-    out = layer_norm_op.dual_layer_norm(z.reshape(-1, n), weight, bias, ctx.B * per_sample, index, eps, rms)
-    ctx.kernel = "cpp"
+    out = op(z.reshape(-1, n), weight, bias, ctx.B * per_sample, index, eps, rms)
+    ctx.kernel = kernel
     return ctx.mark(out.view(z.shape))
 
 
