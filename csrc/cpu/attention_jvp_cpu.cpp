@@ -6,13 +6,15 @@
 // O(kBlockQ * kBlockK * P) per thread, so the extra memory is that plus the per-row statistics,
 // the re-laid-out tangents and the gradients: linear in T and S.
 //
-// Layouts. The primal rows as given, B and H merged: q [BH, T, d], k [BH, S, d], v [BH, S, dv],
-// g_o [BH, T, dv]. The probes' rows interleaved: q_t as [BH, T, P, d] (row (i, p) is probe p's query
-// row i), likewise k_t, v_t, g_t = grad_o_t, o_t and the tangents' gradients (converted on entry and
-// exit). Then the rows of all probes of a block form one matrix: [nq P, d] with rows (i, p), or, read
-// as [nq, P d], one row per query. So a block pair takes 6 GEMMs (forward) and 15 (backward) for any
-// P, each with a P times larger dimension where probes enter, instead of 2 + 4P and 5 + 10P small
-// ones (at P = 4: 4x fewer GEMM calls, ~10% more GFLOP/s each).
+// Layouts (converted on entry and exit; B and H merged, W = 1 + P). Per query row, the primal's row and
+// the P probes' rows side by side: q and q_t as qq [BH, T, W, d] (row (i, 0) is q_i, row (i, 1 + p)
+// probe p's q_t,i), likewise g_o and g_t = grad_o_t as [BH, T, W, dv], o and o_t, and g_q and g_qt.
+// The keys' tangents interleaved: k_t as [BH, S, P, d] (row (j, p)), likewise v_t and their gradients;
+// k [BH, S, d] and v [BH, S, dv] as given. So the rows of a query block form one matrix [nq W, d] with
+// rows (i, w) (the primal's and the probes' rows share a GEMM wherever they meet the same factor: k in
+// the scores, v in the outputs), a strided [nq, d] view (the primal's rows), or [nq, P d] (the probes'
+// rows, one row per query). A block pair takes 4 GEMMs (forward) and 10 (backward) for any P, instead
+// of 2 + 4P and 5 + 10P small ones, with the same FLOPs.
 //
 // Forward, per (b, h, query block): an online softmax over the key blocks (running row maximum m_i
 // and normaliser l_i, shared by all P probes) accumulates, unnormalised and rescaled by
