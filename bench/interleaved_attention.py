@@ -1,7 +1,7 @@
 """Interleaved timing of the JVP attention op and of transformer training steps, per provider.
 
     .venv/bin/python bench/interleaved_attention.py [--rounds 5] [--seqs 128,1024,4096] [--probes 1,4]
-                                                     [--steps gpt,modadd] [--out /tmp/attn.md]
+                                                     [--steps gpt,modadd] [--peak-at 8192] [--out /tmp/attn.md]
 
 **The op** (B = 1, H = 4, d = 64, float32, self-attention without mask), forward + backward of a loss
 on ``o`` and ``o_t`` (the tangents' gradients included), for T in ``--seqs`` and P in ``--probes``:
@@ -12,6 +12,10 @@ on ``o`` and ``o_t`` (the tangents' gradients included), for T in ``--seqs`` and
 - ``cpp`` / ``triton``: ``attention_jvp(..., backend=...)`` where that backend can serve.
 Before timing, every provider's ``o_t`` is checked against the reference in float64. Memory: the
 bytes saved for backward (:func:`providers.saved_bytes`).
+
+**Peak memory** (``--peak-at T``): the C++ op's peak allocation during one forward + backward at
+that T (B = 1, H = 4, d = 64, P = 1, float32), counted from the call's start (the inputs and the
+cotangents exist before), and the same for ``plain`` (explicit attention, its ``[T, T]`` matrices).
 
 **Training steps** (AdamW, cross-entropy, train mode, one probe):
 - ``gpt``: :class:`grokalign_fast.models.GPT` (4 layers, d_model 256, 4 heads, T = 256, vocab 256) at
@@ -33,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from providers import emit, saved_bytes, time_interleaved  # noqa: E402
+from providers import emit, peak_allocated_bytes, saved_bytes, time_interleaved  # noqa: E402
 
 from grokalign_fast import GrokAlign  # noqa: E402
 from grokalign_fast.ops.attention_jvp import attention_jvp, reference, unavailable_reasons  # noqa: E402
@@ -111,6 +115,16 @@ def op_rows(seqs, probes, rounds):
     return rows
 
 
+def peak_rows(T):
+    """Peak allocation (MiB) of one forward + backward of the C++ op and of plain explicit attention."""
+    table = op_providers(T, 1)
+    rows = [f"| T | provider | peak allocated during forward + backward (MiB) |", "|---:|---|---:|"]
+    for name in ("cpp", "plain"):
+        if name in table:
+            rows.append(f"| {T} | {name} | {peak_allocated_bytes(table[name][0]) / 2**20:.1f} |")
+    return rows
+
+
 def step_providers(name, small=False):
     """name -> step() for a transformer training step (``small``: tiny models, for the smoke test)."""
     if name == "gpt":
@@ -175,6 +189,7 @@ def main():
     ap.add_argument("--seqs", default="128,1024,4096")
     ap.add_argument("--probes", default="1,4")
     ap.add_argument("--steps", default="gpt,modadd", help="transformer steps to time ('' for none)")
+    ap.add_argument("--peak-at", default="", help="sequence lengths at which to measure the op's peak allocation")
     ap.add_argument("--small", action="store_true", help="tiny transformers (a smoke test of the script)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append the markdown tables to this file")
@@ -186,6 +201,8 @@ def main():
     seqs = [int(s) for s in args.seqs.split(",") if s]
     if seqs:
         lines += op_rows(seqs, [int(p) for p in args.probes.split(",")], args.rounds) + [""]
+    for T in [int(t) for t in args.peak_at.split(",") if t]:
+        lines += peak_rows(T) + [""]
     for name in [s for s in args.steps.split(",") if s]:
         steps = step_providers(name, args.small)
         med = time_interleaved(steps, args.rounds, warmup=1)

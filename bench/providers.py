@@ -144,6 +144,23 @@ def saved_bytes(step: Callable[[], None]) -> int:
     return total[0]
 
 
+def peak_allocated_bytes(step: Callable[[], None]) -> int:
+    """Peak of the bytes held by torch's CPU allocator during one call of ``step``, counted from the
+    call's start (tensors that exist before it are not counted), from the allocation and free events
+    the profiler records (``profile_memory=True``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
 def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int = 3) -> Dict[str, float]:
     """Median seconds per call of each step: ``warmup`` calls each first, then ``rounds`` rounds
     that call every step once, in a fresh random order (seeded) each round, so that slow drifts of

@@ -46,8 +46,10 @@ def test_interleaved_conv_runs():
 
 
 def test_interleaved_attention_runs():
-    out = _run("bench/interleaved_attention.py", "--rounds", "1", "--seqs", "16", "--probes", "1,2", "--small")
-    assert "| 16 | 2 | reference |" in out and "| 16 | 2 | func_jvp |" in out
+    out = _run("bench/interleaved_attention.py", "--rounds", "1", "--seqs", "16", "--probes", "1,2", "--small",
+               "--peak-at", "32")
+    assert "| 16 | 2 | reference |" in out and "| 16 | 2 | func_jvp |" in out and "| 32 | plain |" in out
+    assert ("| 32 | cpp |" in out) == CPP
     assert "| ours_sub0.25 |" in out and "gpt step" in out and "modadd step" in out
 
 
