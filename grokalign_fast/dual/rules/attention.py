@@ -7,8 +7,10 @@ Both run as the explicit formula (PAPER.md, "Softmax attention"),
 whose pieces have rules of their own: the score and output products follow the product rule
 (``S' = (Q' K^T + Q K'^T) * scale``, ``O' = P' V + P V'``), the softmax
 ``P' = P * (S' - rowsum(P * S'))``, a mask moves the primal scores only, and dropout on ``P`` takes
-the primal rows' mask. The ``T x S`` score matrix is materialised; a flash-style kernel with the
-tangent streams is a later op of its own.
+the primal rows' mask. That form materialises the ``T x S`` score matrix; from
+:data:`FUSED_MIN_KEYS` keys up, without a mask or dropout, the C++ kernels run instead
+:func:`~grokalign_fast.ops.attention_jvp.attention_jvp` (:func:`_fused`: blockwise, the tangent
+streams sharing the primal's softmax statistics, memory linear in the sequence length).
 
 ``nn.MultiheadAttention`` reshapes to the sequence-first layout inside its ``forward``, which
 moves the batch dimension; while the engine runs, each instance's ``forward`` is replaced by
