@@ -50,6 +50,12 @@ TORCH_LIBRARY(grokalign, m) {
   m.def("dual_max_pool(Tensor z, Tensor idx, Tensor? index) -> Tensor");
   // Its backward: grad_z [N, C, length], the scatter-add of grad [N, C, Lout] at the same positions.
   m.def("dual_max_pool_backward(Tensor grad, Tensor idx, Tensor? index, int length) -> Tensor");
+  // The argmax indices of a 2-d max pool (grokalign_fast/ops/dual_max_pool), as ATen's max_pool2d with
+  // return_indices=True returns them (ties: the first entry of the window; NaN: the last NaN), without
+  // the values: z [N, C, H, W] -> idx [N, C, Ho, Wo] long, flat into H W. Not differentiable.
+  m.def(
+      "max_pool2d_argmax(Tensor z, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> Tensor");
 
   // The dual-stream engine's batch norm in train mode (grokalign_fast/ops/dual_batch_norm_train) on
   // stacked rows s [N, C, L] (primal rows [0, P), any tangent rows after them): the batch statistics

@@ -88,6 +88,14 @@ def test_digits_levers_runs():
 
 
 def test_smooth_act_bench_runs():
-    out = _run("bench/smooth_act.py", "--reps", "1", "--rows", "3", "--features", "5")
+    out = _run("bench/smooth_act.py", "--reps", "1", "--rows", "4", "--features", "5", "--subsample", "0.5")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| act")]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "elu", "softplus"]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "elu", "softplus",
+                                                     "aten (gelu, primal rows only)"]
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
+def test_max_pool_argmax_bench_runs():
+    """The argmax benchmark checks the op's indices equal ATen's before timing."""
+    out = _run("bench/max_pool_argmax.py", "--reps", "1")
+    assert out.count("x |") == 3

@@ -108,3 +108,75 @@ def test_bad_arguments_are_named(args, match):
 def test_backward_refuses_a_cotangent_of_another_width():
     with pytest.raises(RuntimeError, match=r"grad must be \[N, C, Lout=2\]"):
         torch.ops.grokalign.dual_max_pool_backward(torch.ones(4, 2, 3), torch.zeros(2, 2, 2, dtype=torch.long), None, 5)
+
+
+# grokalign::max_pool2d_argmax: the primal rows' argmax the engine's rule takes, against ATen's indices.
+ARGMAX_SETTINGS = [
+    dict(kernel_size=2),
+    dict(kernel_size=3, stride=1, padding=1),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
+    dict(kernel_size=3, stride=2, dilation=2),
+    dict(kernel_size=2, stride=2, ceil_mode=True),
+    dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+]
+
+
+def _argmax_input(kind, shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    if kind == "ties":  # ReLU outputs rounded: most windows hold equal entries
+        z = torch.relu(z).mul(2).round()
+    elif kind == "nonfinite":  # NaN and +-inf entries, whole windows of -inf
+        z.view(-1)[::7] = float("nan")
+        z.view(-1)[3::11] = float("inf")
+        z[..., :2, :2] = float("-inf")
+        z.view(-1)[5::13] = float("-inf")
+    return z.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("setting", ARGMAX_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("kind", ["random", "ties", "nonfinite"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_argmax_equals_aten(device, setting, kind, dtype):
+    """The indices equal ATen's max_pool2d(return_indices=True) exactly: odd sizes (7 x 9 and 5 x 6,
+    every window position against each border), overlapping, padded, strided and dilated windows,
+    ceil mode, and the scan's rules for ties (the first entry), NaN (the last NaN) and windows of -inf."""
+    if D.argmax_unavailable_reason(torch.zeros(1, device=device)) is not None:
+        pytest.skip(D.argmax_unavailable_reason(torch.zeros(1, device=device)))
+    for shape in [(3, 4, 7, 9), (2, 3, 5, 6)]:
+        z = _argmax_input(kind, shape, dtype, device)
+        got = D.max_pool2d_argmax(z, **setting)
+        want = F.max_pool2d(z, return_indices=True, **setting)[1]
+        assert got.dtype == torch.long and torch.equal(got, want), (shape, (got != want).sum().item())
+
+
+def test_argmax_noncontiguous_and_empty():
+    z = torch.randn(3, 8, 6, 10, dtype=torch.float64)[:, ::2, :, ::2]
+    assert torch.equal(D.max_pool2d_argmax(z, 2), F.max_pool2d(z, 2, return_indices=True)[1])
+    e = torch.zeros(0, 3, 4, 4)
+    assert D.max_pool2d_argmax(e, 2).shape == (0, 3, 2, 2)
+
+
+def test_argmax_opcheck_and_compile():
+    z = torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.grokalign.max_pool2d_argmax, (z, [3, 2], [2, 1], [1, 0], [1, 1], True))
+    f = torch.compile(lambda x: D.max_pool2d_argmax(x, 3, 2, 1, ceil_mode=True), fullgraph=True, backend="eager")
+    assert torch.equal(f(z), F.max_pool2d(z, 3, 2, 1, ceil_mode=True, return_indices=True)[1])
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(kernel_size=0), r"kernel_size must be positive"),
+        (dict(kernel_size=2, stride=0), r"stride must be positive"),
+        (dict(kernel_size=2, dilation=0), r"dilation must be positive"),
+        (dict(kernel_size=2, padding=2), r"padding must be non-negative and at most half of kernel_size"),
+        (dict(kernel_size=9), r"too small for the kernel"),
+    ],
+)
+def test_argmax_bad_arguments_are_named(kw, match):
+    with pytest.raises(RuntimeError, match=match):
+        D.max_pool2d_argmax(torch.zeros(1, 2, 4, 4), **kw)
+    with pytest.raises(RuntimeError, match=r"z must be \[N, C, H, W\]"):
+        D.max_pool2d_argmax(torch.zeros(2, 4, 4), 2)

@@ -24,9 +24,17 @@ def _max_pool(ctx: Streams, func, args, kwargs, spatial: int, indices_pos: int):
     if z.dim() < spatial + 1:
         return None
     z_p, _, m = ctx.split(z)
-    args, kwargs = replace_arg(args, kwargs, indices_pos, "return_indices", True)
-    with torch.no_grad():
-        _, idx = func(z_p.detach(), *args[1:], **(kwargs or {}))
+    if func is F.max_pool2d and z_p.dim() == 4 and ctx.kernels == "cpp" and \
+            max_pool_op.argmax_unavailable_reason(z_p) is None:
+        # The argmax alone, from the extension (ATen's max pool also writes the values).
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        defaults = (None, None, 0, 1, False)
+        pool_args = [arg(args, kwargs, i + 1, n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+        idx = max_pool_op.max_pool2d_argmax(z_p.detach(), *pool_args)
+    else:
+        args, kwargs = replace_arg(args, kwargs, indices_pos, "return_indices", True)
+        with torch.no_grad():
+            _, idx = func(z_p.detach(), *args[1:], **(kwargs or {}))
     out_shape = (z.shape[0],) + tuple(idx.shape[1:])
     # The rows as [rows, channels, pooled values] (one channel where the input has none).
     channels = math.prod(idx.shape[1: idx.dim() - spatial])

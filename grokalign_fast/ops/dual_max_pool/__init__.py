@@ -66,3 +66,45 @@ def dual_max_pool(z: torch.Tensor, idx: torch.Tensor, index: Optional[torch.Tens
         index: ``[R]`` long, the primal row of each of a stream's tangent rows; None: ``j % P``.
     """
     return torch.ops.grokalign.dual_max_pool(z, idx, index)
+
+
+_ARGMAX_OPS = ("max_pool2d_argmax",)
+
+if _backends.extension_ops_reason(_ARGMAX_OPS) is None:
+
+    @torch.library.register_fake("grokalign::max_pool2d_argmax")
+    def _max_pool2d_argmax_fake(z, kernel_size, stride, padding, dilation, ceil_mode):
+        torch._check(z.dim() == 4, lambda: f"max_pool2d_argmax: z must be [N, C, H, W], got {z.shape}")
+        Ho, Wo = (_out_size(z.shape[2 + i], kernel_size[i], padding[i], stride[i], dilation[i], ceil_mode)
+                  for i in range(2))
+        return z.new_empty((z.shape[0], z.shape[1], Ho, Wo), dtype=torch.long)
+
+
+def _out_size(n, k, pad, stride, dil, ceil_mode):
+    """ATen's pooling output size (a last window starting in the right padding only is dropped)."""
+    num = n + 2 * pad - dil * (k - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = num // stride + 1
+    if ceil_mode and (out - 1) * stride >= n + pad:
+        out -= 1
+    return out
+
+
+def argmax_unavailable_reason(z: torch.Tensor) -> Optional[str]:
+    """None when ``grokalign::max_pool2d_argmax`` can run on ``z`` (its device and dtype), else why not."""
+    return _backends.op_unavailable_reason(_ARGMAX_OPS, z)
+
+
+def max_pool2d_argmax(z: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
+                      ceil_mode: bool = False) -> torch.Tensor:
+    """The indices ``F.max_pool2d(z, ..., return_indices=True)`` returns (equal to them: ties take the
+    window's first entry, NaN its last NaN), without the values: ``[N, C, Ho, Wo]`` long, flat into
+    ``H W``. The arguments are ``F.max_pool2d``'s (``stride=None``: the kernel size). Not
+    differentiable (an index). ``grokalign::max_pool2d_argmax``: the dual-stream engine's max pool
+    rule takes the primal rows' argmax from it (ATen's max pool computes the values too, with a
+    branch per comparison: ``bench/max_pool_argmax.py``)."""
+    from torch.nn.modules.utils import _pair
+
+    k = _pair(kernel_size)
+    s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else _pair(stride)
+    return torch.ops.grokalign.max_pool2d_argmax(z, list(k), list(s), list(_pair(padding)), list(_pair(dilation)),
+                                                 bool(ceil_mode))
