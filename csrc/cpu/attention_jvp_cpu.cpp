@@ -6,15 +6,13 @@
 // O(kBlockQ * kBlockK * P) per thread, so the extra memory is that plus the per-row statistics,
 // the re-laid-out tangents and the gradients: linear in T and S.
 //
-// Layouts (converted on entry and exit; B and H merged, W = 1 + P). Per query row, the primal's row and
-// the P probes' rows side by side: q and q_t as qq [BH, T, W, d] (row (i, 0) is q_i, row (i, 1 + p)
-// probe p's q_t,i), likewise g_o and g_t = grad_o_t as [BH, T, W, dv], o and o_t, and g_q and g_qt.
-// The keys' tangents interleaved: k_t as [BH, S, P, d] (row (j, p)), likewise v_t and their gradients;
-// k [BH, S, d] and v [BH, S, dv] as given. So the rows of a query block form one matrix [nq W, d] with
-// rows (i, w) (the primal's and the probes' rows share a GEMM wherever they meet the same factor: k in
-// the scores, v in the outputs), a strided [nq, d] view (the primal's rows), or [nq, P d] (the probes'
-// rows, one row per query). A block pair takes 4 GEMMs (forward) and 10 (backward) for any P, instead
-// of 2 + 4P and 5 + 10P small ones, with the same FLOPs.
+// Layouts. The primal rows as given, B and H merged: q [BH, T, d], k [BH, S, d], v [BH, S, dv],
+// g_o [BH, T, dv]. The probes' rows interleaved: q_t as [BH, T, P, d] (row (i, p) is probe p's query
+// row i), likewise k_t, v_t, g_t = grad_o_t, o_t and the tangents' gradients (converted on entry and
+// exit). Then the rows of all probes of a block form one matrix: [nq P, d] with rows (i, p), or, read
+// as [nq, P d], one row per query. So a block pair takes 6 GEMMs (forward) and 15 (backward) for any
+// P, each with a P times larger dimension where probes enter, instead of 2 + 4P and 5 + 10P small
+// ones (at P = 4: 4x fewer GEMM calls, ~10% more GFLOP/s each).
 //
 // Forward, per (b, h, query block): an online softmax over the key blocks (running row maximum m_i
 // and normaliser l_i, shared by all P probes) accumulates, unnormalised and rescaled by
@@ -85,47 +83,36 @@ int64_t visible(bool causal, int64_t i, int64_t j0, int64_t nk) {
   return causal ? std::clamp<int64_t>(i - j0 + 1, 0, nk) : nk;
 }
 
-// A row-major [rows, cols] matrix at p whose rows are ld apart (a strided view, ld >= cols), and its
-// transpose [cols, rows].
-template <typename acc_t>
-Tensor mat_s(const acc_t* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-template <typename acc_t>
-Tensor mat_st(const acc_t* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<acc_t*>(p), {cols, rows}, {1, ld},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
-// Forward's inputs and outputs in acc_t, contiguous, in the layouts of the file comment (W = 1 + P):
-// qq [BH, T, W, d], k [BH, S, d], v [BH, S, dv], kt [BH, S, P, d], vt [BH, S, P, dv];
-// oo [BH, T, W, dv], lse [BH, T], mu [P, BH, T].
+// Forward's inputs and outputs in acc_t, contiguous, in the layouts of the file comment:
+// q [BH, T, d], k [BH, S, d], v [BH, S, dv], qt [BH, T, P, d], kt [BH, S, P, d], vt [BH, S, P, dv];
+// o [BH, T, dv], ot [BH, T, P, dv], lse [BH, T], mu [P, BH, T].
 template <typename acc_t>
 struct Fwd {
-  const acc_t *qq, *k, *v, *kt, *vt;
-  acc_t *oo, *lse, *mu;
+  const acc_t *q, *k, *v, *qt, *kt, *vt;
+  acc_t *o, *ot, *lse, *mu;
 };
 
 template <typename acc_t>
 void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
-  const int64_t BH = n.BH(), T = n.T, S = n.S, d = n.d, dv = n.dv, P = n.P, W = 1 + P;
-  const int64_t Pdv = P * dv;
+  const int64_t BH = n.BH(), T = n.T, S = n.S, d = n.d, dv = n.dv, P = n.P;
+  const int64_t Pd = P * d, Pdv = P * dv;
   const int64_t nqb = blocks(T, kBlockQ);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, BH * nqb, 1, [&](int64_t task0, int64_t task1) {
-    // ss [(i, w), j]: row (i, 0) the scores then p, rows (i, 1 + p) q_t k^T then p s_t; r = q k_t^T [i, (j, p)].
-    std::vector<acc_t> ss_buf(kBlockQ * W * kBlockK), r_buf(kBlockQ * kBlockK * P);
+    // p [nq, nk]; q_t k^T then p s_t [(i, p), j]; q k_t^T [i, (j, p)].
+    std::vector<acc_t> p_buf(kBlockQ * kBlockK), st_buf(kBlockQ * P * kBlockK), r_buf(kBlockQ * kBlockK * P);
     std::vector<acc_t> m(kBlockQ), l(kBlockQ), alpha(kBlockQ), mu(kBlockQ * P);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kBlockQ, nq = std::min(kBlockQ, T - i0);
-      const acc_t* qq = a.qq + (bh * T + i0) * W * d;
-      const Tensor QQ = mat(qq, nq * W, d);      // rows (i, w)
-      const Tensor Q = mat_s(qq, nq, d, W * d);  // rows (i, 0)
-      acc_t* oo = a.oo + (bh * T + i0) * W * dv;
-      Tensor OO = mat(oo, nq * W, dv);                   // o and o_t, rows (i, w)
-      Tensor Ot_cols = mat_s(oo + dv, nq, Pdv, W * dv);  // o_t, one row per query
-      OO.zero_();
+      const Tensor Q = mat(a.q + (bh * T + i0) * d, nq, d);
+      const Tensor Qt = mat(a.qt + (bh * T + i0) * Pd, nq * P, d);
+      acc_t* o = a.o + (bh * T + i0) * dv;
+      acc_t* ot = a.ot + (bh * T + i0) * Pdv;
+      Tensor O = mat(o, nq, dv);
+      Tensor Ot_rows = mat(ot, nq * P, dv);  // rows (i, p)
+      Tensor Ot_cols = mat(ot, nq, Pdv);     // the same, one row per query
+      O.zero_();
+      Ot_rows.zero_();
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), acc_t(0));
       std::fill(mu.begin(), mu.end(), acc_t(0));
@@ -134,16 +121,14 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
       for (int64_t j0 = 0; j0 < S_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, S_end - j0);
         const acc_t* k = a.k + (bh * S + j0) * d;
-        const acc_t* kt = a.kt + (bh * S + j0) * P * d;
+        const acc_t* kt = a.kt + (bh * S + j0) * Pd;
         const Tensor V = mat(a.v + (bh * S + j0) * dv, nk, dv);
         const Tensor Vt_cols = mat(a.vt + (bh * S + j0) * Pdv, nk, Pdv);
-        // One GEMM for q k^T and q_t k^T, one for q k_t^T.
-        Tensor SS = mat(ss_buf.data(), nq * W, nk), R = mat(r_buf.data(), nq, nk * P);
-        at::mm_out(SS, QQ, mat_t(k, nk, d));
-        at::mm_out(R, Q, mat_t(kt, nk * P, d));
         // s = c q k^T; the running maximum; s - m_new (-inf where masked); p = exp(s - m_new).
+        Tensor Pm = mat(p_buf.data(), nq, nk);
+        at::mm_out(Pm, Q, mat_t(k, nk, d));
         for (int64_t i = 0; i < nq; ++i) {
-          acc_t* row = ss_buf.data() + i * W * nk;
+          acc_t* row = p_buf.data() + i * nk;
           const int64_t vis = visible(causal, i0 + i, j0, nk);
           acc_t mx = m[i];
           for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, c * row[j]);
@@ -153,72 +138,82 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
           for (int64_t j = 0; j < vis; ++j) row[j] = c * row[j] - mx;
           for (int64_t j = vis; j < nk; ++j) row[j] = kNegInf;
         }
-        Tensor Pm = mat_s(ss_buf.data(), nq, nk, W * nk);
         at::exp_(Pm);
-        // l = l alpha + sum_j p; o, o_t, mu rescaled to the new maximum; then per probe, with
-        // s_t / c = q_t k^T + q k_t^T: row (i, 1 + p) := p s_t (0 where masked, as p is), mu += sum_j p s_t.
+        // l = l alpha + sum_j p; the other running sums rescaled to the new maximum.
         for (int64_t i = 0; i < nq; ++i) {
-          const acc_t* prow = ss_buf.data() + i * W * nk;
-          const acc_t* rrow = r_buf.data() + i * nk * P;
+          const acc_t* row = p_buf.data() + i * nk;
           acc_t sum = 0;
-          for (int64_t j = 0; j < nk; ++j) sum += prow[j];
+          for (int64_t j = 0; j < nk; ++j) sum += row[j];
           l[i] = l[i] * alpha[i] + sum;
-          for (int64_t e = 0; e < W * dv; ++e) oo[i * W * dv + e] *= alpha[i];
+          for (int64_t e = 0; e < dv; ++e) o[i * dv + e] *= alpha[i];
+          for (int64_t e = 0; e < Pdv; ++e) ot[i * Pdv + e] *= alpha[i];
+          for (int64_t p = 0; p < P; ++p) mu[i * P + p] *= alpha[i];
+        }
+        // s_t / c = q_t k^T + q k_t^T: St = q_t k^T [(i, p), j], R = q k_t^T [i, (j, p)]; then
+        // St := p s_t (0 where masked, as p is) and mu += sum_j p s_t.
+        Tensor St = mat(st_buf.data(), nq * P, nk);
+        Tensor R = mat(r_buf.data(), nq, nk * P);
+        at::mm_out(St, Qt, mat_t(k, nk, d));
+        at::mm_out(R, Q, mat_t(kt, nk * P, d));
+        for (int64_t i = 0; i < nq; ++i) {
+          const acc_t* prow = p_buf.data() + i * nk;
+          const acc_t* rrow = r_buf.data() + i * nk * P;
           for (int64_t p = 0; p < P; ++p) {
-            acc_t* row = ss_buf.data() + (i * W + 1 + p) * nk;
-            acc_t st_sum = 0;
+            acc_t* row = st_buf.data() + (i * P + p) * nk;
+            acc_t sum = 0;
             for (int64_t j = 0; j < nk; ++j) {
               row[j] = prow[j] * c * (row[j] + rrow[j * P + p]);
-              st_sum += row[j];
+              sum += row[j];
             }
-            mu[i * P + p] = mu[i * P + p] * alpha[i] + st_sum;
+            mu[i * P + p] += sum;
           }
         }
-        at::addmm_out(OO, OO, SS, V);                  // o += p v, o_t += (p s_t) v
+        at::addmm_out(O, O, Pm, V);                    // o += p v
+        at::addmm_out(Ot_rows, Ot_rows, St, V);        // o_t += (p s_t) v
         at::addmm_out(Ot_cols, Ot_cols, Pm, Vt_cols);  // o_t += p v_t
       }
       // Normalise: o = o / l, mu = mu / l, o_t = o_t / l - mu o, lse = m + log l.
       for (int64_t i = 0; i < nq; ++i) {
         const acc_t inv = acc_t(1) / l[i];
-        acc_t* o = oo + i * W * dv;
-        for (int64_t e = 0; e < dv; ++e) o[e] *= inv;
+        for (int64_t e = 0; e < dv; ++e) o[i * dv + e] *= inv;
         a.lse[bh * T + i0 + i] = m[i] + std::log(l[i]);
         for (int64_t p = 0; p < P; ++p) {
           const acc_t mu_ip = mu[i * P + p] * inv;
           a.mu[(p * BH + bh) * T + i0 + i] = mu_ip;
-          acc_t* row = o + (1 + p) * dv;
-          for (int64_t e = 0; e < dv; ++e) row[e] = row[e] * inv - mu_ip * o[e];
+          acc_t* row = ot + (i * P + p) * dv;
+          for (int64_t e = 0; e < dv; ++e) row[e] = row[e] * inv - mu_ip * o[i * dv + e];
         }
       }
     }
   });
 }
 
-// The backward's inputs in acc_t, contiguous, laid out as Fwd's (got [BH, T, W, dv]: g_o and the
-// probes' g_t per query row); og [P, BH, T] and D [BH, T] are the per-row scalars (file comment).
-// Outputs: gqq [chunks, BH, T, W, d] (g_q and g_qt, one copy per key-block chunk, zeroed), gk [BH, S, d],
-// gv [BH, S, dv], gkt [BH, S, P, d], gvt [BH, S, P, dv] (written whole).
+// The backward's inputs in acc_t, contiguous, laid out as Fwd's (go [BH, T, dv], gt [BH, T, P, dv]);
+// og [P, BH, T] and D [BH, T] are the per-row scalars (file comment). Outputs: gq [chunks, BH, T, d]
+// and gqt [chunks, BH, T, P, d] (one copy per key-block chunk, zeroed), gk [BH, S, d], gv [BH, S, dv],
+// gkt [BH, S, P, d], gvt [BH, S, P, dv] (written whole).
 template <typename acc_t>
 struct Bwd {
-  const acc_t *qq, *k, *v, *kt, *vt, *got, *lse, *mu, *og, *D;
-  acc_t *gqq, *gk, *gv, *gkt, *gvt;
+  const acc_t *q, *k, *v, *qt, *kt, *vt, *go, *gt, *lse, *mu, *og, *D;
+  acc_t *gq, *gqt, *gk, *gv, *gkt, *gvt;
 };
 
 template <typename acc_t>
 void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, const Bwd<acc_t>& a) {
-  const int64_t BH = n.BH(), T = n.T, S = n.S, d = n.d, dv = n.dv, P = n.P, W = 1 + P;
+  const int64_t BH = n.BH(), T = n.T, S = n.S, d = n.d, dv = n.dv, P = n.P;
   const int64_t Pd = P * d, Pdv = P * dv;
   const int64_t nkb = blocks(S, kBlockK);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, BH * chunks, 1, [&](int64_t task0, int64_t task1) {
-    // ss [(i, w), j]: row (i, 0) p, rows (i, 1 + p) q_t k^T then p (s_t - mu); gg [(i, w), j]: row (i, 0)
-    // g_o v^T then g_s, rows (i, 1 + p) g_t v^T then g_st; y = sum_probes g_t v_t^T [i, j];
-    // r = q k_t^T then g_st [i, (j, p)].
+    // p, g_p then g_s, and sum_probes g_t . v_t [nq, nk]; q_t k^T then p (s_t - mu), and g_t v^T then
+    // g_st [(i, p), j]; q k_t^T then g_st [i, (j, p)].
     const int64_t block = kBlockQ * kBlockK;
-    std::vector<acc_t> ss_buf(block * W), gg_buf(block * W), y_buf(block), r_buf(block * P);
+    std::vector<acc_t> p_buf(block), gp_buf(block), y_buf(block), st_buf(block * P), a_buf(block * P),
+        r_buf(block * P);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks;
-      acc_t* gqq = a.gqq + (chunk * BH + bh) * T * W * d;
+      acc_t* gq = a.gq + (chunk * BH + bh) * T * d;
+      acc_t* gqt = a.gqt + (chunk * BH + bh) * T * Pd;
       for (int64_t kb = chunk; kb < nkb; kb += chunks) {
         const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, S - j0);
         const acc_t* k = a.k + (bh * S + j0) * d;
@@ -238,44 +233,50 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, const 
         const int64_t first_q = causal ? (j0 / kBlockQ) * kBlockQ : 0;
         for (int64_t i0 = first_q; i0 < T; i0 += kBlockQ) {
           const int64_t nq = std::min(kBlockQ, T - i0);
-          const acc_t* qq = a.qq + (bh * T + i0) * W * d;
-          const acc_t* got = a.got + (bh * T + i0) * W * dv;
-          const Tensor QQ = mat(qq, nq * W, d), Q = mat_s(qq, nq, d, W * d);
-          const Tensor GOT = mat(got, nq * W, dv), GT_cols = mat_s(got + dv, nq, Pdv, W * dv);
-          Tensor GQQ = mat(gqq + i0 * W * d, nq * W, d);      // g_q and g_qt, rows (i, w)
-          Tensor GQ = mat_s(gqq + i0 * W * d, nq, d, W * d);  // g_q
-          // SS = [q; q_t] k^T, GG = [g_o; g_t] v^T, Y = sum_probes g_t v_t^T (one GEMM over the
-          // [nq, P dv] rows), R = q k_t^T.
-          Tensor SS = mat(ss_buf.data(), nq * W, nk), GG = mat(gg_buf.data(), nq * W, nk);
-          Tensor Y = mat(y_buf.data(), nq, nk), R = mat(r_buf.data(), nq, nk * P);
-          at::mm_out(SS, QQ, mat_t(k, nk, d));
-          at::mm_out(GG, GOT, mat_t(v, nk, dv));
-          at::mm_out(Y, GT_cols, mat_t(vt, nk, Pdv));
-          at::mm_out(R, Q, mat_t(kt, nk * P, d));
+          const acc_t* q = a.q + (bh * T + i0) * d;
+          const acc_t* qt = a.qt + (bh * T + i0) * Pd;
+          const acc_t* go = a.go + (bh * T + i0) * dv;
+          const acc_t* gt = a.gt + (bh * T + i0) * Pdv;
+          const Tensor Q = mat(q, nq, d), Qt = mat(qt, nq * P, d);
+          const Tensor GO = mat(go, nq, dv);
+          const Tensor GT_rows = mat(gt, nq * P, dv), GT_cols = mat(gt, nq, Pdv);
+          Tensor GQ = mat(gq + i0 * d, nq, d);
+          Tensor GQt = mat(gqt + i0 * Pd, nq * P, d);  // rows (i, p)
           // p = exp(c q k^T - lse), 0 where masked.
+          Tensor Pm = mat(p_buf.data(), nq, nk);
+          at::mm_out(Pm, Q, mat_t(k, nk, d));
           for (int64_t i = 0; i < nq; ++i) {
-            acc_t* row = ss_buf.data() + i * W * nk;
+            acc_t* row = p_buf.data() + i * nk;
             const acc_t lse = a.lse[bh * T + i0 + i];
             const int64_t vis = visible(causal, i0 + i, j0, nk);
             for (int64_t j = 0; j < vis; ++j) row[j] = c * row[j] - lse;
             for (int64_t j = vis; j < nk; ++j) row[j] = kNegInf;
           }
-          Tensor Pm = mat_s(ss_buf.data(), nq, nk, W * nk);
           at::exp_(Pm);
-          // Per probe, with s_t = c (q_t k^T + R), a = g_t v^T:
+          // Gp = g_o v^T, Y = sum_probes g_t v_t^T (one GEMM over the [nq, P dv] rows),
+          // St = q_t k^T, A = g_t v^T [(i, p), j], R = q k_t^T [i, (j, p)].
+          Tensor Gp = mat(gp_buf.data(), nq, nk), Y = mat(y_buf.data(), nq, nk);
+          Tensor St = mat(st_buf.data(), nq * P, nk), A = mat(a_buf.data(), nq * P, nk);
+          Tensor R = mat(r_buf.data(), nq, nk * P);
+          at::mm_out(Gp, GO, mat_t(v, nk, dv));
+          at::mm_out(Y, GT_cols, mat_t(vt, nk, Pdv));
+          at::mm_out(St, Qt, mat_t(k, nk, d));
+          at::mm_out(A, GT_rows, mat_t(v, nk, dv));
+          at::mm_out(R, Q, mat_t(kt, nk * P, d));
+          // Per probe, with s_t = c (St + R), a = A:
           //   g_p += (s_t - mu) a + v_t . g_t - s_t (o . g_t)   (the v_t . g_t terms are Y)
-          //   g_st = p (a - o . g_t)  into GG's row (i, 1 + p) and R;  p (s_t - mu) into SS's row (i, 1 + p);
-          // then g_s = p (g_p - D) into GG's row (i, 0).
+          //   g_st = p (a - o . g_t)  into A and R (both layouts);  p (s_t - mu) into St;
+          // then g_s = p (g_p - D) into Gp.
           for (int64_t i = 0; i < nq; ++i) {
-            const acc_t* prow = ss_buf.data() + i * W * nk;
+            const acc_t* prow = p_buf.data() + i * nk;
             const acc_t* yrow = y_buf.data() + i * nk;
-            acc_t* gprow = gg_buf.data() + i * W * nk;
+            acc_t* gprow = gp_buf.data() + i * nk;
             acc_t* rrow = r_buf.data() + i * nk * P;
             for (int64_t j = 0; j < nk; ++j) gprow[j] += yrow[j];
             for (int64_t p = 0; p < P; ++p) {
               const acc_t mu = a.mu[(p * BH + bh) * T + i0 + i], og = a.og[(p * BH + bh) * T + i0 + i];
-              acc_t* srow = ss_buf.data() + (i * W + 1 + p) * nk;
-              acc_t* arow = gg_buf.data() + (i * W + 1 + p) * nk;
+              acc_t* srow = st_buf.data() + (i * P + p) * nk;
+              acc_t* arow = a_buf.data() + (i * P + p) * nk;
               for (int64_t j = 0; j < nk; ++j) {
                 const acc_t st = c * (srow[j] + rrow[j * P + p]), av = arow[j];
                 const acc_t gst = prow[j] * (av - og);
@@ -288,11 +289,15 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, const 
             const acc_t D = a.D[bh * T + i0 + i];
             for (int64_t j = 0; j < nk; ++j) gprow[j] = prow[j] * (gprow[j] - D);
           }
-          at::addmm_out(GV, GV, mat_t(ss_buf.data(), nq * W, nk), GOT);  // g_v += p^T g_o + (p (s_t - mu))^T g_t
-          at::addmm_out(GVt_cols, GVt_cols, mat_st(ss_buf.data(), nq, nk, W * nk), GT_cols);  // g_vt += p^T g_t
-          at::addmm_out(GQQ, GQQ, GG, K, 1, c);                                 // g_q += c g_s k, g_qt += c g_st k
-          at::addmm_out(GQ, GQ, R, Kt, 1, c);                                   // g_q += c g_st k_t
-          at::addmm_out(GK, GK, mat_t(gg_buf.data(), nq * W, nk), QQ, 1, c);   // g_k += c (g_s^T q + g_st^T q_t)
+          const Tensor Pm_t = mat_t(p_buf.data(), nq, nk);
+          at::addmm_out(GV, GV, Pm_t, GO);                                    // g_v += p^T g_o
+          at::addmm_out(GV, GV, mat_t(st_buf.data(), nq * P, nk), GT_rows);   //   + (p (s_t - mu))^T g_t
+          at::addmm_out(GVt_cols, GVt_cols, Pm_t, GT_cols);                   // g_vt += p^T g_t
+          at::addmm_out(GQ, GQ, Gp, K, 1, c);                                 // g_q += c g_s k
+          at::addmm_out(GQ, GQ, R, Kt, 1, c);                                 //   + c g_st k_t
+          at::addmm_out(GQt, GQt, A, K, 1, c);                                // g_qt += c g_st k
+          at::addmm_out(GK, GK, mat_t(gp_buf.data(), nq, nk), Q, 1, c);       // g_k += c g_s^T q
+          at::addmm_out(GK, GK, mat_t(a_buf.data(), nq * P, nk), Qt, 1, c);   //   + c g_st^T q_t
           at::addmm_out(GKt, GKt, mat_t(r_buf.data(), nq, nk * P), Q, 1, c);  // g_kt += c g_st^T q
         }
       }
@@ -309,33 +314,28 @@ Tensor copy_as(const Tensor& x, at::ScalarType dtype) {
 // A tangent-like [P, B, H, R, w] as [B, H, R, P, w] in acc_t (the interleaved layout), and back.
 Tensor interleave(const Tensor& x) { return copy_as(x.permute({1, 2, 3, 0, 4}), acc_dtype(x.scalar_type())); }
 Tensor deinterleave(const Tensor& x, at::ScalarType dtype) { return copy_as(x.permute({3, 0, 1, 2, 4}), dtype); }
-// A primal [B, H, R, w] and its tangents [P, B, H, R, w] as one [B, H, R, 1 + P, w] in acc_t (rows (r, w)).
-Tensor with_tangents(const Tensor& x, const Tensor& t) {
-  const int64_t P = t.size(0);
-  Tensor out = at::empty({x.size(0), x.size(1), x.size(2), 1 + P, x.size(3)}, x.options().dtype(acc_dtype(x.scalar_type())));
-  out.select(3, 0).copy_(x);
-  out.narrow(3, 1, P).copy_(t.permute({1, 2, 3, 0, 4}));
-  return out;
-}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_jvp_cpu(const Tensor& q_in, const Tensor& k_in,
                                                              const Tensor& v_in, const Tensor& qt_in,
                                                              const Tensor& kt_in, const Tensor& vt_in, bool causal,
                                                              double scale) {
   const Dims n = check_inputs("attention_jvp", q_in, k_in, v_in, qt_in, kt_in, vt_in, scale);
-  const Tensor qq = with_tangents(q_in, qt_in), k = to_acc(k_in), v = to_acc(v_in);
-  const Tensor kt = interleave(kt_in), vt = interleave(vt_in);
-  Tensor oo = at::empty({n.B, n.H, n.T, 1 + n.P, n.dv}, qq.options());
-  Tensor lse = at::empty({n.B, n.H, n.T}, qq.options());
-  Tensor mu = at::empty({n.P, n.B, n.H, n.T}, qq.options());
-  AT_DISPATCH_FLOATING_TYPES(qq.scalar_type(), "attention_jvp_cpu", [&] {
-    const Fwd<scalar_t> a{qq.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),  v.const_data_ptr<scalar_t>(),
-                          kt.const_data_ptr<scalar_t>(), vt.const_data_ptr<scalar_t>(), oo.data_ptr<scalar_t>(),
+  const Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
+  const Tensor qt = interleave(qt_in), kt = interleave(kt_in), vt = interleave(vt_in);
+  Tensor o = at::empty({n.B, n.H, n.T, n.dv}, q.options());
+  Tensor ot = at::empty({n.B, n.H, n.T, n.P, n.dv}, q.options());
+  Tensor lse = at::empty({n.B, n.H, n.T}, q.options());
+  Tensor mu = at::empty({n.P, n.B, n.H, n.T}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_jvp_cpu", [&] {
+    const Fwd<scalar_t> a{q.const_data_ptr<scalar_t>(),  k.const_data_ptr<scalar_t>(),
+                          v.const_data_ptr<scalar_t>(),  qt.const_data_ptr<scalar_t>(),
+                          kt.const_data_ptr<scalar_t>(), vt.const_data_ptr<scalar_t>(),
+                          o.data_ptr<scalar_t>(),        ot.data_ptr<scalar_t>(),
                           lse.data_ptr<scalar_t>(),      mu.data_ptr<scalar_t>()};
     forward_kernel<scalar_t>(n, causal, static_cast<scalar_t>(scale), a);
   });
   const auto dtype = q_in.scalar_type();
-  return {copy_as(oo.select(3, 0), dtype), deinterleave(oo.narrow(3, 1, n.P), dtype), lse, mu};
+  return {o.to(dtype), deinterleave(ot, dtype), lse, mu};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_jvp_backward_cpu(
@@ -344,33 +344,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_jvp_backwar
     const Tensor& o_in, const Tensor& ot_in, const Tensor& lse_in, const Tensor& mu_in, bool causal, double scale) {
   const Dims n = check_inputs("attention_jvp_backward", q_in, k_in, v_in, qt_in, kt_in, vt_in, scale);
   check_saved(n, q_in, grad_o, grad_o_t, o_in, ot_in, lse_in, mu_in);
-  const Tensor qq = with_tangents(q_in, qt_in), k = to_acc(k_in), v = to_acc(v_in);
-  const Tensor kt = interleave(kt_in), vt = interleave(vt_in);
+  const Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in);
+  const Tensor qt = interleave(qt_in), kt = interleave(kt_in), vt = interleave(vt_in);
   const Tensor lse = lse_in.contiguous(), mu = mu_in.contiguous();
-  const Tensor go = grad_or_zeros(grad_o, o_in), gt = grad_or_zeros(grad_o_t, ot_in);
-  const Tensor got = with_tangents(go, gt);
+  const Tensor go = to_acc(grad_or_zeros(grad_o, o_in)), gt_in = grad_or_zeros(grad_o_t, ot_in);
+  const Tensor gt = interleave(gt_in);
   Tensor og, D;
-  std::tie(og, D) = row_scalars(o_in, ot_in, go.to(acc_dtype(go.scalar_type())), gt, mu);
+  std::tie(og, D) = row_scalars(o_in, ot_in, go, gt_in, mu);
 
-  const int64_t BH = n.BH(), W = 1 + n.P;
+  const int64_t BH = n.BH();
   const int64_t chunks =
       std::clamp<int64_t>(blocks(at::get_num_threads(), std::max<int64_t>(BH, 1)), 1, blocks(n.S, kBlockK));
-  Tensor gqq = at::zeros({chunks, n.B, n.H, n.T, W, n.d}, qq.options());
+  Tensor gq = at::zeros({chunks, n.B, n.H, n.T, n.d}, q.options());
+  Tensor gqt = at::zeros({chunks, n.B, n.H, n.T, n.P, n.d}, q.options());
   Tensor gk = at::empty_like(k), gv = at::empty_like(v), gkt = at::empty_like(kt), gvt = at::empty_like(vt);
-  AT_DISPATCH_FLOATING_TYPES(qq.scalar_type(), "attention_jvp_backward_cpu", [&] {
-    const Bwd<scalar_t> a{qq.const_data_ptr<scalar_t>(),  k.const_data_ptr<scalar_t>(),   v.const_data_ptr<scalar_t>(),
-                          kt.const_data_ptr<scalar_t>(),  vt.const_data_ptr<scalar_t>(),  got.const_data_ptr<scalar_t>(),
-                          lse.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),  og.const_data_ptr<scalar_t>(),
-                          D.const_data_ptr<scalar_t>(),   gqq.data_ptr<scalar_t>(),       gk.data_ptr<scalar_t>(),
-                          gv.data_ptr<scalar_t>(),        gkt.data_ptr<scalar_t>(),       gvt.data_ptr<scalar_t>()};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_jvp_backward_cpu", [&] {
+    const Bwd<scalar_t> a{q.const_data_ptr<scalar_t>(),   k.const_data_ptr<scalar_t>(),
+                          v.const_data_ptr<scalar_t>(),   qt.const_data_ptr<scalar_t>(),
+                          kt.const_data_ptr<scalar_t>(),  vt.const_data_ptr<scalar_t>(),
+                          go.const_data_ptr<scalar_t>(),  gt.const_data_ptr<scalar_t>(),
+                          lse.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(),
+                          og.const_data_ptr<scalar_t>(),  D.const_data_ptr<scalar_t>(),
+                          gq.data_ptr<scalar_t>(),        gqt.data_ptr<scalar_t>(),
+                          gk.data_ptr<scalar_t>(),        gv.data_ptr<scalar_t>(),
+                          gkt.data_ptr<scalar_t>(),       gvt.data_ptr<scalar_t>()};
     backward_kernel<scalar_t>(n, causal, static_cast<scalar_t>(scale), chunks, a);
   });
   const auto dtype = q_in.scalar_type();
-  const Tensor gq_all = chunks == 1 ? gqq.select(0, 0) : gqq.sum(0);
-  return {copy_as(gq_all.select(3, 0), dtype),
+  return {gq.sum(0).to(dtype),
           gk.to(dtype),
           gv.to(dtype),
-          deinterleave(gq_all.narrow(3, 1, n.P), dtype),
+          deinterleave(gqt.sum(0), dtype),
           deinterleave(gkt, dtype),
           deinterleave(gvt, dtype)};
 }
