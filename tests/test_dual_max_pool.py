@@ -48,8 +48,13 @@ def test_op_equals_reference(device, name, pool, shape, index, K):
         assert max_rel_err(a, b) < F64["rtol"]
 
 
-@pytest.mark.parametrize("P,K,index", [(1, 0, None), (3, 2, [2]), (2, 1, [1, 1, 0, 0])],
-                         ids=["no-tangent-rows", "one-row-streams", "more-rows-than-primal"])
+# (P, K, index) on one-channel rows of length 3: no tangent rows, one-row streams, more tangent rows
+# per stream than primal rows.
+ODD_SHAPES = [(1, 0, None), (3, 2, [2]), (2, 1, [1, 1, 0, 0])]
+ODD_IDS = ["no-tangent-rows", "one-row-streams", "more-rows-than-primal"]
+
+
+@pytest.mark.parametrize("P,K,index", ODD_SHAPES, ids=ODD_IDS)
 def test_odd_shapes(P, K, index):
     rows, idx, index, _ = _case(POOLS[1][1], (1, 3, 1), P, K, index)
     got = outputs_and_grads([D.dual_max_pool(rows, idx, index)], [rows])
@@ -89,17 +94,18 @@ def test_low_precision_within_twice_plain_pytorch(dtype):
     assert_within_twice_plain_error(ours[1:], plain[1:], exact[1:], names=["grad"])
 
 
-@pytest.mark.parametrize(
-    "args,match",
-    [
-        ((torch.ones(4, 2, 5), torch.zeros(2, 3, 2, dtype=torch.long), None), r"idx must be long \[P, C=2, Lout\]"),
-        ((torch.ones(4, 2, 5), torch.zeros(2, 2, 2), None), r"idx must be long"),
-        ((torch.ones(4, 2, 5), torch.full((2, 2, 2), 5), None), r"idx must lie in \[0, 5\)"),
-        ((torch.ones(5, 2, 5), torch.zeros(2, 2, 2, dtype=torch.long), None), r"not a whole number of streams of 2"),
-        ((torch.ones(4, 2, 5), torch.zeros(2, 2, 2, dtype=torch.long), torch.tensor([2])), r"index\[0\] = 2 is out"),
-        ((torch.ones(4, 10), torch.zeros(2, 2, 2, dtype=torch.long), None), r"the rows must be \[N, C, L\]"),
-    ],
-)
+# (z, idx, index) and the error's pattern: each names the argument.
+BAD_ARGS = [
+    ((torch.ones(4, 2, 5), torch.zeros(2, 3, 2, dtype=torch.long), None), r"idx must be long \[P, C=2, Lout\]"),
+    ((torch.ones(4, 2, 5), torch.zeros(2, 2, 2), None), r"idx must be long"),
+    ((torch.ones(4, 2, 5), torch.full((2, 2, 2), 5), None), r"idx must lie in \[0, 5\)"),
+    ((torch.ones(5, 2, 5), torch.zeros(2, 2, 2, dtype=torch.long), None), r"not a whole number of streams of 2"),
+    ((torch.ones(4, 2, 5), torch.zeros(2, 2, 2, dtype=torch.long), torch.tensor([2])), r"index\[0\] = 2 is out"),
+    ((torch.ones(4, 10), torch.zeros(2, 2, 2, dtype=torch.long), None), r"the rows must be \[N, C, L\]"),
+]
+
+
+@pytest.mark.parametrize("args,match", BAD_ARGS)
 def test_bad_arguments_are_named(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.grokalign.dual_max_pool(*args)

@@ -44,18 +44,19 @@ def unavailable_reason(op: str, s: torch.Tensor) -> Optional[str]:
     return None
 
 
-def check_rows(op: str, s: torch.Tensor, primal_rows: int, index: Optional[torch.Tensor], dims: int = 2) -> int:
-    """Checks the stacked rows ``s`` (``dims`` dimensions, floating point), ``primal_rows`` P in
-    ``[1, N]`` and ``index`` ([R] long on ``s``'s device, values in ``[0, P)``; the ``N - P`` tangent
-    rows a whole number of streams of R rows, or of P without index); returns R. Each error names
-    the argument."""
+def check_rows(op: str, s: torch.Tensor, primal_rows: int, index: Optional[torch.Tensor], dims: int = 2,
+               name: str = "s") -> int:
+    """Checks the stacked rows ``s`` (``dims`` dimensions, floating point; ``name``: the argument's
+    name in the errors), ``primal_rows`` P in ``[1, N]`` and ``index`` ([R] long on ``s``'s device,
+    values in ``[0, P)``; the ``N - P`` tangent rows a whole number of streams of R rows, or of P
+    without index); returns R. Each error names the argument."""
     if not isinstance(s, torch.Tensor):
-        raise TypeError(f"{op}: s must be a torch.Tensor, got {type(s).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(s).__name__}")
     if s.dim() != dims:
         shape = "[N, n]" if dims == 2 else "[N, C, L]"
-        raise ValueError(f"{op}: s (the stacked rows) must be {shape}, got {list(s.shape)}")
+        raise ValueError(f"{op}: {name} (the stacked rows) must be {shape}, got {list(s.shape)}")
     if s.dtype not in DTYPES:
-        raise TypeError(f"{op}: s must be float16, bfloat16, float32 or float64, got {s.dtype}")
+        raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {s.dtype}")
     N = s.shape[0]
     if isinstance(primal_rows, bool) or not isinstance(primal_rows, int) or not 1 <= primal_rows <= N:
         raise ValueError(f"{op}: primal_rows must be an int in [1, {N}], got {primal_rows!r}")
@@ -75,7 +76,7 @@ def check_rows(op: str, s: torch.Tensor, primal_rows: int, index: Optional[torch
         else:  # checked on the device, without a host synchronisation
             torch._assert_async(((index >= 0) & (index < P)).all(), f"{op}: index values must lie in [0, primal_rows)")
     if (N - P) % R:
-        raise ValueError(f"{op}: the {N - P} tangent rows of s are not a whole number of streams of {R} rows "
+        raise ValueError(f"{op}: the {N - P} tangent rows of {name} are not a whole number of streams of {R} rows "
                          f"({'len(index)' if index is not None else 'primal_rows'})")
     return R
 

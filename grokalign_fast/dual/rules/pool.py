@@ -1,9 +1,9 @@
 r"""Pooling. Max pools: the tangent is gathered at the primal's argmax (PAPER.md); the pooling runs
 once, on the primal rows, and its indices are the compact save. Every stacked row is then gathered
 at its primal row's argmax (the primal rows' maxima and the tangents together), as the op
-``grokalign::dual_max_pool`` with the extension's kernels (:mod:`grokalign_fast.ops.dual_max_pool`)
-or its plain-PyTorch gather. Average pools are linear and run on the stacked rows as they are
-(:mod:`.structural`)."""
+``grokalign::dual_max_pool`` with the extension's kernels (:mod:`grokalign_fast.ops.dual_max_pool`),
+its Triton kernels (:mod:`grokalign_fast.ops.dual_max_pool.triton`) or its plain-PyTorch gather.
+Average pools are linear and run on the stacked rows as they are (:mod:`.structural`)."""
 from __future__ import annotations
 
 import math
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ...ops import dual_max_pool as max_pool_op
 from . import register
 from ._args import arg, replace_arg
+from ._kernels import epilogue
 from ..streams import Streams
 
 
@@ -40,9 +41,10 @@ def _max_pool(ctx: Streams, func, args, kwargs, spatial: int, indices_pos: int):
     channels = math.prod(idx.shape[1: idx.dim() - spatial])
     rows, idx = z.reshape(z.shape[0], channels, -1), idx.reshape(idx.shape[0], channels, -1)
     index = None if ctx.index is None else ctx.row_index(m)
-    if ctx.kernels == "cpp" and max_pool_op.unavailable_reason(z) is None:
-        out = max_pool_op.dual_max_pool(rows, idx, index)
-        ctx.kernel = "cpp"
+    op, kernel = epilogue(ctx, rows, max_pool_op, "dual_max_pool")
+    if op is not None:
+        out = op(rows, idx, index)
+        ctx.kernel = kernel
     else:
         out = max_pool_op.reference(rows, idx, index)
     return ctx.mark(out.view(out_shape))
