@@ -143,7 +143,6 @@ class EveryEpilogue(nn.Module):
 EPILOGUES = [("batch_norm", 3), ("gelu", 2), ("silu", 1), ("relu", 1), ("leaky_relu", 1), ("tanh", 1), ("sigmoid", 1),
              ("elu", 1), ("softplus", 1), ("max_pool", 2), ("group_norm", 1), ("layer_norm", 1), ("rms_norm", 1),
              ("probe_sqnorm", 1)]
-ATEN_ON_TRITON = ("max_pool", "probe_sqnorm")  # no Triton kernel
 
 
 def _epilogue_backends():
@@ -164,10 +163,9 @@ def _epilogue_backends():
                          ids=["all", "subsample", "subsample-squared-K2"])
 def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, device, kw):
     """``backend="cpp"`` (the engine with the extension's epilogues) and ``backend="triton"`` (with the
-    Triton epilogues: every one but the max pool and the row sum of squares) against ``backend="dual"``
-    (its rules in plain PyTorch) on the same probes and device, in float64: output, penalty, every
-    parameter gradient and the running statistics to 1e-10; every epilogue counted as the kernel's on
-    one side only."""
+    Triton epilogues, every one of them) against ``backend="dual"`` (its rules in plain PyTorch) on the
+    same probes and device, in float64: output, penalty, every parameter gradient and the running
+    statistics to 1e-10; every epilogue counted as the kernel's on one side only."""
     torch.manual_seed(4)
     model = EveryEpilogue().double().train().to(device)
     x = torch.randn(6, 2, 7, 6, dtype=DT, generator=torch.Generator().manual_seed(2)).to(device)
@@ -177,9 +175,6 @@ def test_the_epilogue_kernels_equal_the_plain_rules_on_a_whole_model(backend, de
     _assert_same_step(got, want, exact_buffers=False)
     counts, plain = got[4].last_plan.counts, want[4].last_plan.counts
     for rule, calls in EPILOGUES:
-        if backend == "triton" and rule in ATEN_ON_TRITON:  # ATen ops
-            assert counts.get(rule, 1) == calls and f"{rule}[triton]" not in counts, counts
-            continue
         assert counts[f"{rule}[{backend}]"] == calls and rule not in counts, counts
     assert not [k for k in plain if k.endswith("]")], plain
 

@@ -32,13 +32,12 @@ KERNELS = pytest.mark.parametrize("kernels", [
     "torch", pytest.param("cpp", marks=pytest.mark.skipif(CPP is not None, reason=str(CPP))),
     pytest.param("triton", marks=pytest.mark.skipif(TRITON is not None, reason=str(TRITON)))])
 # The cases that call a function with an epilogue in the extension; the Triton epilogues cover them
-# but the max pools.
+# too.
 CPP_CASES = {"relu", "relu_method_inplace_module", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "elu",
              "softplus", "max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d", "batch_norm_train_2d",
              "batch_norm_train_1d", "matmul_dual_dual", "add_sub_mul_div", "dropout_train", "layer_norm",
              "layer_norm_plain", "group_norm", "group_norm_plain", "rms_norm", "rms_norm_plain"}
-EPILOGUE_CASES = {"torch": set(), "cpp": CPP_CASES,
-                  "triton": CPP_CASES - {"max_pool1d", "max_pool2d_pad", "max_pool3d", "adaptive_max_pool2d"}}
+EPILOGUE_CASES = {"torch": set(), "cpp": CPP_CASES, "triton": CPP_CASES}
 
 
 def _lin(i, o, bias=True):

@@ -210,7 +210,9 @@ def test_explicit_triton_backend_off_the_mlp_chains_runs_the_engine_with_the_tri
     cnn = GrokAlign(SmallCNN().double(), 0.1, estimator="forward", backend="triton")
     if reason is None:
         cnn(torch.randn(2, 2, 5, 7, dtype=torch.float64))
-        assert cnn.last_plan.counts["relu[triton]"] == 1 and cnn.last_plan.counts["gelu[triton]"] == 1
+        counts = cnn.last_plan.counts
+        assert counts["relu[triton]"] == counts["gelu[triton]"] == counts["max_pool[triton]"] == 1
+        assert counts["probe_sqnorm[triton]"] == 1
 
 
 def test_auto_never_picks_the_triton_interpreter_off_the_mlp_chains(monkeypatch):

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from .. import _backends
 from ..ops.probe_sqnorm import cpp as probe_sqnorm_cpp
 from ..ops.probe_sqnorm import function as probe_sqnorm_ops
+from ..ops.probe_sqnorm import triton as probe_sqnorm_triton
 from . import fallback
 from .rules import lookup
 from .embedding import is_token_input, not_embedded
@@ -196,9 +197,10 @@ def run(
             ``dual_batch_norm_train``, ``dual_layer_norm``, counted as ``"<rule>[cpp]"``) and the row
             sum of squares as ``grokalign::probe_sqnorm`` (counted as ``"probe_sqnorm[cpp]"``); needs
             the extension. ``"triton"``, the Triton kernels of the same epilogues where they serve
-            (``dual_act``, ``dual_smooth_act``, ``dual_batch_norm_train``, counted as
-            ``"<rule>[triton]"``; the other rules and the row sum of squares in ATen ops); needs triton
-            and a CUDA input, or a CPU input under Triton's interpreter (``TRITON_INTERPRET=1``).
+            (``dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``, counted
+            as ``"<rule>[triton]"``; the other rules in ATen ops) and of the row sum of squares
+            (``"probe_sqnorm[triton]"``); needs triton and a CUDA input, or a CPU input under Triton's
+            interpreter (``TRITON_INTERPRET=1``).
         jx: also carry the tangent ``x[index[r]]`` itself (one more stream) and return ``J x`` at each
             row: the offset ``f(x) - J x`` of the local affine map costs that stream.
 
@@ -251,9 +253,13 @@ def run(
 
 def _row_sqnorm(t: torch.Tensor, kernels: str, counts: Counter) -> torch.Tensor:
     """``(1/K) sum_{k, n} t[k, r, n]^2`` of the tangent rows ``t [K, R, n]``: ``grokalign::probe_sqnorm``
-    with the extension's kernels where it serves (one pass, its backward the ``2/K t g`` scaling), else
-    ATen ops."""
+    with the extension's kernels or its Triton kernels (:mod:`grokalign_fast.ops.probe_sqnorm.triton`),
+    as ``kernels`` asks, where they serve (one pass, its backward the ``2/K t g`` scaling), else ATen
+    ops."""
     if kernels == "cpp" and probe_sqnorm_ops.unavailable_reasons(t)["cpp"] is None:
         counts["probe_sqnorm[cpp]"] += 1
         return probe_sqnorm_cpp.probe_sqnorm(t)
+    if kernels == "triton" and probe_sqnorm_triton.unavailable_reason(t) is None:
+        counts["probe_sqnorm[triton]"] += 1
+        return probe_sqnorm_triton.probe_sqnorm(t)
     return t.pow(2).sum(dim=(0, 2)) / t.shape[0]

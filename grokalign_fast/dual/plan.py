@@ -21,9 +21,9 @@ Backends (``backend=``), fastest first:
   input under Triton's interpreter). MLP chains run the per-layer Triton ops ``dual_linear*``
   (:mod:`grokalign_fast.ops.mlp.triton`); any other model (or where those cannot serve, e.g. the
   offset term) runs the dual-stream engine with the Triton epilogues where they apply
-  (``dual_act``, ``dual_smooth_act``, ``dual_batch_norm_train``, ``dual_layer_norm``: ``plan.counts``
-  shows ``"relu[triton]"``, ``"batch_norm[triton]"``, ``"layer_norm[triton]"``, ...) and ATen ops for
-  the other rules. ``"auto"``
+  (``dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``, ``dual_layer_norm``,
+  ``probe_sqnorm``: ``plan.counts`` shows ``"relu[triton]"``, ``"max_pool[triton]"``,
+  ``"batch_norm[triton]"``, ``"layer_norm[triton]"``, ...) and ATen ops for the other rules. ``"auto"``
   never picks it under Triton's CPU interpreter.
 - ``"dual"``: one pass without double backward, in plain PyTorch. Forward estimator: the
   dual-stream engine on any model (convolutions, norms, pooling, residual connections, attention,
