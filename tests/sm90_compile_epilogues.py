@@ -1,12 +1,14 @@
 """Compile the Triton epilogue kernels of the dual-stream engine (dual_act, dual_smooth_act,
-dual_batch_norm_train, dual_layer_norm) for an H100/H200 (sm_90) on a machine without a GPU, the way a
-GPU compiles them (not interpreted), and print one JSON line per kernel variant: whether it compiled to
-a cubin, and its shared memory.
+dual_max_pool, dual_batch_norm_train, dual_layer_norm, probe_sqnorm) for an H100/H200 (sm_90) on a
+machine without a GPU, the way a GPU compiles them (not interpreted), and print one JSON line per
+kernel variant: whether it compiled to a cubin, and its shared memory.
 
 Run by tests/test_dual_smooth_act_triton.py in a process without TRITON_INTERPRET. The kernels are
 compiled for bfloat16 and float64 rows (see ``_cases``), with and without an index, with the block
 sizes a GPU launch gives (``_triton_rows.row_blocks``, the batch norm's ``_tiles``, the layer norm's
-``_block``) for a large problem (the kernels take row-major buffers: no stride specialisation).
+``_block``) for a large problem (the kernels take row-major buffers: no stride specialisation). The
+max pool's backward adds atomically into a float32 buffer for bfloat16 rows and into a float64 one
+for float64 rows.
 """
 import json
 import os
@@ -22,8 +24,10 @@ from grokalign_fast.ops import _triton_rows as rows  # noqa: E402
 from grokalign_fast.ops.dual_act import triton as act  # noqa: E402
 from grokalign_fast.ops.dual_batch_norm_train import triton as bn  # noqa: E402
 from grokalign_fast.ops.dual_layer_norm import triton as ln  # noqa: E402
+from grokalign_fast.ops.dual_max_pool import triton as pool  # noqa: E402
 from grokalign_fast.ops.dual_smooth_act import ACT as SMOOTH  # noqa: E402
 from grokalign_fast.ops.dual_smooth_act import triton as smooth  # noqa: E402
+from grokalign_fast.ops.probe_sqnorm import triton as sqnorm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {"bf16": "*bf16", "fp64": "*fp64"}
@@ -38,8 +42,8 @@ def _compile(kernel, types, consts, warps=4):
 
 def _cases():
     """bfloat16 for every kernel and activation; float64 (libdevice's exp, erf, log and sqrt in
-    double) for one activation of each kind (the erf GELU, softplus), the batch norm and the layer
-    norm."""
+    double) for one activation of each kind (the erf GELU, softplus), the max pool, the batch norm,
+    the layer norm and the sum of squares."""
     br, bn_ = rows.row_blocks(4096, 4096)
     idx = dict(offsets_ptr="*i64", riders_ptr="*i64")
     for dt, ptr in TYPES.items():
@@ -88,6 +92,19 @@ def _cases():
                    dict(g_ptr=ptr, s_ptr=ptr, w_ptr=param, mean_ptr=acc, rstd_ptr=acc, grad_ptr=ptr,
                         scratch_ptr=acc, pw_ptr=acc, pb_ptr=acc, **idx),
                    dict(NEED_W=True, NEED_B=not rms, **flags), warps)
+        pool_br, pool_bn = rows.row_blocks(4096, 64 * 256)  # 64 channels of a 16 x 16 map
+        for backward in (False, True):
+            for has_index in ((True,) if fp64 else (False, True)):
+                consts = dict(BACKWARD=backward, HAS_INDEX=has_index, INDEX64=fp64, BR=pool_br, BN=pool_bn)
+                types = dict(src_ptr=ptr, idx_ptr="*i64", dst_ptr=(acc if backward else ptr), **idx)
+                yield (f"dual_max_pool {'bwd' if backward else 'fwd'} {dt} index={has_index}", pool._dual_max_pool_kernel,
+                       types, consts)
+        sq_bb, sq_bn = rows.row_blocks(256, 4096)
+        consts = dict(INDEX64=fp64, ACC_FP64=fp64, BB=sq_bb, BN=sq_bn)
+        yield (f"probe_sqnorm partial {dt}", sqnorm._sqnorm_partial_kernel,
+               dict(g_ptr=ptr, part_ptr=acc, STRIDE="i64"), consts)
+        yield (f"probe_sqnorm backward {dt}", sqnorm._sqnorm_backward_kernel,
+               dict(g_ptr=ptr, grad_ptr=ptr, out_ptr=ptr, STRIDE="i64"), consts)
 
 
 def main():

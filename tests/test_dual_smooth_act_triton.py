@@ -3,8 +3,8 @@ against the op's plain-PyTorch reference: values and gradients in float64 for ev
 and a repeated subset, so that the primal rows' gradient carries the riders' s'' term, and rows with no
 riders), odd and empty shapes, gradcheck, low precision by the twice-plain rule, non-contiguous rows and
 the argument errors; on every device present (the CPU under Triton's interpreter). Inside the engine:
-tests/test_dual_rules.py and tests/test_dual_engine.py. Compiled for sm_90 (every epilogue family):
-test_the_epilogue_kernels_compile_for_sm90."""
+tests/test_dual_rules.py and tests/test_dual_engine.py. Compiled for sm_90 (every epilogue family, the
+max pool's and the sum of squares' too): test_the_epilogue_kernels_compile_for_sm90."""
 import json
 import os
 import subprocess
@@ -97,10 +97,11 @@ def test_bad_arguments_are_named(args, match):
 
 @pytest.mark.slow
 def test_the_epilogue_kernels_compile_for_sm90():
-    """Every Triton epilogue kernel (dual_act, dual_smooth_act for every activation, the batch norm's
-    three, the layer norm's two) compiles for an H100/H200 (sm_90) as a GPU compiles it, in bfloat16
-    and float64, with and without an index, to a cubin within the 227 KB of shared memory a block may
-    use (tests/sm90_compile_epilogues.py, in a process without the interpreter; no GPU needed)."""
+    """Every Triton epilogue kernel (dual_act, dual_smooth_act for every activation, the max pool's
+    gather and scatter-add, the batch norm's three, the layer norm's two, the sum of squares' two)
+    compiles for an H100/H200 (sm_90) as a GPU compiles it, in bfloat16 and float64, with and without
+    an index, to a cubin within the 227 KB of shared memory a block may use
+    (tests/sm90_compile_epilogues.py, in a process without the interpreter; no GPU needed)."""
     import triton.backends
     if "nvidia" not in triton.backends.backends:
         pytest.skip("triton has no NVIDIA backend here")
@@ -110,7 +111,7 @@ def test_the_epilogue_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     kernels = {row["kernel"].split(" ")[0] + " " + row["kernel"].split(" ")[1] for row in rows}
-    assert len(rows) == 50 and len(kernels) == 9, kernels
+    assert len(rows) == 60 and len(kernels) == 13, kernels
     assert {row["kernel"].split(" ")[2] for row in rows if row["kernel"].startswith("dual_smooth_act")} == set(D.ACT)
     for row in rows:
         assert "error" not in row and row["cubin"], row

@@ -1,16 +1,19 @@
 r"""What the Triton epilogues of the dual-stream engine share (:mod:`.dual_act.triton`,
-:mod:`.dual_smooth_act.triton`, :mod:`.dual_batch_norm_train.triton`, :mod:`.dual_layer_norm.triton`):
-the availability check, the argument checks of the stacked-row layout (:mod:`._stacked_rows`), the
-riders' table, the dtype the kernels write and the block sizes of the row kernels.
+:mod:`.dual_smooth_act.triton`, :mod:`.dual_max_pool.triton`, :mod:`.dual_batch_norm_train.triton`,
+:mod:`.dual_layer_norm.triton`, :mod:`.probe_sqnorm.triton`): the availability check, the argument
+checks of the stacked-row layout (:mod:`._stacked_rows`), the riders' table, the dtype the kernels
+write and the block sizes of the row kernels.
 
-The row kernels (activations) give each program ``BR`` primal rows and ``BN`` columns: it reads the
-primal values once, computes what the activation needs from them (a mask, ``s'``, ``s''``) into
-registers, and then serves every tangent row riding on those primal rows (its *riders*:
-``j = k R + r`` for every stream ``k`` and every ``r`` with ``index[r] = p``, or ``j = k P + p``
-without index), as the C++ kernels do (``csrc/common/stacked_rows.h``). Each tangent row is written
-by the one program of its primal row: no atomics, the same order on every run. With an index the
-riders come from the table of :func:`riders` (a stable sort of the index and a binary search on the
-device, no host synchronisation). Element offsets are int64 (``row * n`` may pass ``2^31``).
+The row kernels (activations, the max pool) give each program ``BR`` primal rows and ``BN`` columns:
+it reads the primal values once, computes what the activation needs from them (a mask, ``s'``,
+``s''``; the max pool: its argmax columns) into registers, and then serves every tangent row riding
+on those primal rows (its *riders*: ``j = k R + r`` for every stream ``k`` and every ``r`` with
+``index[r] = p``, or ``j = k P + p`` without index), as the C++ kernels do
+(``csrc/common/stacked_rows.h``). Each tangent row is written by the one program of its primal row:
+no atomics, the same order on every run (but for the max pool's backward, a scatter-add). With an
+index the riders come from the table of :func:`riders` (a stable sort of the index and a binary
+search on the device, no host synchronisation). Element offsets are int64 (``row * n`` may pass
+``2^31``).
 """
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ index) is saved. The plain-PyTorch rule (:func:`reference`) gathers the same way
 for every tangent row when the penalty rides on a subsample.
 
 Kernels: ``csrc/cpu/dual_max_pool_cpu.cpp``, ``csrc/cuda/dual_max_pool_cuda.cu`` (checks in
-``csrc/common/dual_max_pool.h``); autograd (C++): ``csrc/autograd/dual_max_pool_autograd.cpp``. This
-module registers the fakes, and :func:`unavailable_reason` says when the op cannot serve.
+``csrc/common/dual_max_pool.h``); autograd (C++): ``csrc/autograd/dual_max_pool_autograd.cpp``; the
+Triton kernels of the same op: :mod:`.triton`. This module registers the fakes, and
+:func:`unavailable_reason` says when the op cannot serve.
 """
 from __future__ import annotations
 
