@@ -197,10 +197,10 @@ def run(
             ``dual_batch_norm_train``, ``dual_layer_norm``, counted as ``"<rule>[cpp]"``) and the row
             sum of squares as ``grokalign::probe_sqnorm`` (counted as ``"probe_sqnorm[cpp]"``); needs
             the extension. ``"triton"``, the Triton kernels of the same epilogues where they serve
-            (``dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``, counted
-            as ``"<rule>[triton]"``; the other rules in ATen ops) and of the row sum of squares
-            (``"probe_sqnorm[triton]"``); needs triton and a CUDA input, or a CPU input under Triton's
-            interpreter (``TRITON_INTERPRET=1``).
+            (``dual_act``, ``dual_smooth_act``, ``dual_max_pool``, ``dual_batch_norm_train``,
+            ``dual_layer_norm``, counted as ``"<rule>[triton]"``; the other rules in ATen ops) and of the
+            row sum of squares (``"probe_sqnorm[triton]"``); needs triton and a CUDA input, or a CPU
+            input under Triton's interpreter (``TRITON_INTERPRET=1``).
         jx: also carry the tangent ``x[index[r]]`` itself (one more stream) and return ``J x`` at each
             row: the offset ``f(x) - J x`` of the local affine map costs that stream.
 
