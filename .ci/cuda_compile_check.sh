@@ -185,9 +185,9 @@ for op in declared:
     for key, ops in (("CPU", cpu), ("CUDA", cuda)):
         if op not in ops:
             errors.append(f"grokalign::{op} has no {key} kernel in csrc/{key.lower()}")
-    # rademacher_ (an in-place random fill) and the backward ops need none (probe_sqnorm_backward has
-    # one: it is differentiable again).
-    if not op.endswith("_backward") and op != "rademacher_" and op not in autograd:
+    # rademacher_ (an in-place random fill), max_pool2d_argmax (integer indices) and the backward ops
+    # need none (probe_sqnorm_backward has one: it is differentiable again).
+    if not op.endswith("_backward") and op not in ("rademacher_", "max_pool2d_argmax") and op not in autograd:
         errors.append(f"grokalign::{op} has no autograd kernel in csrc/autograd")
 for key, ops in (("CPU", cpu), ("CUDA", cuda), ("Autograd", autograd)):
     for op in ops:

@@ -133,7 +133,8 @@ def test_every_op_has_its_fake_and_cpp_autograd_right_after_import():
         "print(len(names), missing, python)\n"
         "assert not missing, missing\n"
         "assert not python, python\n"
-        "assert all(autograd[n] for n in names if not n.endswith('_backward') and n != 'grokalign::rademacher_')\n"
+        "nondifferentiable = ('grokalign::rademacher_', 'grokalign::max_pool2d_argmax')  # a random fill, indices\n"
+        "assert all(autograd[n] for n in names if not n.endswith('_backward') and n not in nondifferentiable)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
