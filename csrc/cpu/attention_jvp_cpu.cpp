@@ -21,7 +21,8 @@
 //     per probe  mu_i = sum_j p_ij s_t,ij,  o_t,i = sum_j p_ij (s_t,ij v_j + v_t,j);
 // at the end o = o / l, mu = mu / l, o_t = o_t / l - mu o, lse = m + log l.
 //
-// Backward: first the per-row scalars og_i = o_i . g_t,i (per probe) and
+// Backward (without a cotangent for o, as when the caller takes o_t only, the two GEMMs with g_o are
+// skipped): first the per-row scalars og_i = o_i . g_t,i (per probe) and
 // D_i = o_i . g_o,i + sum_probes (o_t,i . g_t,i - mu_i og_i); then per block pair p is recomputed
 // from lse (p_ij = exp(c q_i . k_j - lse_i)) and the gradients of reference.py are accumulated:
 // key-side grads (g_k, g_v, g_kt, g_vt) into the rows of the key block, query-side grads (g_q, g_qt)
@@ -199,7 +200,7 @@ struct Bwd {
 };
 
 template <typename acc_t>
-void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, const Bwd<acc_t>& a) {
+void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, bool has_go, const Bwd<acc_t>& a) {
   const int64_t BH = n.BH(), T = n.T, S = n.S, d = n.d, dv = n.dv, P = n.P;
   const int64_t Pd = P * d, Pdv = P * dv;
   const int64_t nkb = blocks(S, kBlockK);
@@ -258,7 +259,11 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, const 
           Tensor Gp = mat(gp_buf.data(), nq, nk), Y = mat(y_buf.data(), nq, nk);
           Tensor St = mat(st_buf.data(), nq * P, nk), A = mat(a_buf.data(), nq * P, nk);
           Tensor R = mat(r_buf.data(), nq, nk * P);
-          at::mm_out(Gp, GO, mat_t(v, nk, dv));
+          if (has_go) {
+            at::mm_out(Gp, GO, mat_t(v, nk, dv));
+          } else {
+            Gp.zero_();  // no cotangent for o (its caller uses o_t only): g_o v^T = 0
+          }
           at::mm_out(Y, GT_cols, mat_t(vt, nk, Pdv));
           at::mm_out(St, Qt, mat_t(k, nk, d));
           at::mm_out(A, GT_rows, mat_t(v, nk, dv));
@@ -290,7 +295,7 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, const 
             for (int64_t j = 0; j < nk; ++j) gprow[j] = prow[j] * (gprow[j] - D);
           }
           const Tensor Pm_t = mat_t(p_buf.data(), nq, nk);
-          at::addmm_out(GV, GV, Pm_t, GO);                                    // g_v += p^T g_o
+          if (has_go) at::addmm_out(GV, GV, Pm_t, GO);                        // g_v += p^T g_o
           at::addmm_out(GV, GV, mat_t(st_buf.data(), nq * P, nk), GT_rows);   //   + (p (s_t - mu))^T g_t
           at::addmm_out(GVt_cols, GVt_cols, Pm_t, GT_cols);                   // g_vt += p^T g_t
           at::addmm_out(GQ, GQ, Gp, K, 1, c);                                 // g_q += c g_s k
@@ -368,7 +373,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_jvp_backwar
                           gq.data_ptr<scalar_t>(),        gqt.data_ptr<scalar_t>(),
                           gk.data_ptr<scalar_t>(),        gv.data_ptr<scalar_t>(),
                           gkt.data_ptr<scalar_t>(),       gvt.data_ptr<scalar_t>()};
-    backward_kernel<scalar_t>(n, causal, static_cast<scalar_t>(scale), chunks, a);
+    backward_kernel<scalar_t>(n, causal, static_cast<scalar_t>(scale), chunks, grad_o.has_value() && grad_o->defined(),
+                              a);
   });
   const auto dtype = q_in.scalar_type();
   return {gq.sum(0).to(dtype),
