@@ -1,6 +1,6 @@
-// CUDA implementation of grokalign::probe_sqnorm and its backward.
-// One block per sample reduces over probes and features; launched on the
-// current stream.
+// CUDA implementation of grokalign::probe_sqnorm and its backward. The forward is the row sum of
+// squares of the whole-MLP ops (csrc/cuda/row_passes_cuda.cu: one block per sample reduces over probes
+// and features); the backward one grid-stride kernel. Launched on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -8,33 +8,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/row_passes_cuda.h"
+
 namespace grokalign {
 
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename scalar_t, typename acc_t>
-__global__ void probe_sqnorm_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ out,
-                                    int64_t P, int64_t B, int64_t N) {
-  const int64_t b = blockIdx.x;
-  acc_t s = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    const scalar_t* row = g + (p * B + b) * N;
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-      const acc_t v = static_cast<acc_t>(row[n]);
-      s += v * v;
-    }
-  }
-  __shared__ acc_t smem[kThreads];
-  smem[threadIdx.x] = s;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) smem[threadIdx.x] += smem[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) out[b] = static_cast<scalar_t>(smem[0] / static_cast<acc_t>(P));
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void probe_sqnorm_backward_kernel(const scalar_t* __restrict__ g,
@@ -59,16 +39,9 @@ at::Tensor probe_sqnorm_cuda(const at::Tensor& g_in) {
   const c10::cuda::CUDAGuard guard(g_in.device());
   const at::Tensor g = g_in.contiguous();
   const int64_t P = g.size(0), B = g.size(1), N = g.size(2);
-  at::Tensor out = at::empty({B}, g.options());
-  if (B == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "probe_sqnorm_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    probe_sqnorm_kernel<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), P, B, N);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  if (B == 0 || N == 0) return at::zeros({B}, g.options());
+  // The whole-MLP ops' row sum of squares: (1/P) sum_p ||g[p, b]||^2 over the rows [P * B, N].
+  return row_passes::cuda::probe_sqnorm(g.view({P * B, N}), P, B, /*root=*/false, /*scale=*/1.0);
 }
 
 at::Tensor probe_sqnorm_backward_cuda(const at::Tensor& g_in, const at::Tensor& grad_in) {
