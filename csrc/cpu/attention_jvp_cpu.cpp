@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "common/attention_jvp.h"
+#include "cpu/blas.h"
 #include "cpu/simd_math.h"
 
 namespace grokalign {
@@ -64,6 +65,10 @@ using at::Tensor;
 // (one core, T = S = 1024, d = 64, P = 1 and 4); 64 query rows give more tasks to short sequences.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
+
+using blas::gemm;
+using blas::rm;
+using blas::tr;
 
 int64_t blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
 
@@ -143,21 +148,19 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
   const int64_t Pd = P * d, Pdv = P * dv;
   const int64_t nqb = blocks(T, kBlockQ);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t one = 1, zero = 0;
   at::parallel_for(0, BH * nqb, 1, [&](int64_t task0, int64_t task1) {
     // p [nq, nk]; q_t k^T then p s_t [(i, p), j]; q k_t^T [i, (j, p)].
     std::vector<acc_t> p_buf(kBlockQ * kBlockK), st_buf(kBlockQ * P * kBlockK), r_buf(kBlockQ * kBlockK * P);
     std::vector<acc_t> m(kBlockQ), l(kBlockQ), alpha(kBlockQ), mu(kBlockQ * P);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kBlockQ, nq = std::min(kBlockQ, T - i0);
-      const Tensor Q = mat(a.q + (bh * T + i0) * d, nq, d);
-      const Tensor Qt = mat(a.qt + (bh * T + i0) * Pd, nq * P, d);
+      const acc_t* q = a.q + (bh * T + i0) * d;
+      const acc_t* qt = a.qt + (bh * T + i0) * Pd;
       acc_t* o = a.o + (bh * T + i0) * dv;
-      acc_t* ot = a.ot + (bh * T + i0) * Pdv;
-      Tensor O = mat(o, nq, dv);
-      Tensor Ot_rows = mat(ot, nq * P, dv);  // rows (i, p)
-      Tensor Ot_cols = mat(ot, nq, Pdv);     // the same, one row per query
-      O.zero_();
-      Ot_rows.zero_();
+      acc_t* ot = a.ot + (bh * T + i0) * Pdv;  // rows (i, p), or read as [nq, P dv]: one row per query
+      std::fill(o, o + nq * dv, acc_t(0));
+      std::fill(ot, ot + nq * Pdv, acc_t(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), acc_t(0));
       std::fill(mu.begin(), mu.end(), acc_t(0));
@@ -167,11 +170,11 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
         const int64_t nk = std::min(kBlockK, S_end - j0);
         const acc_t* k = a.k + (bh * S + j0) * d;
         const acc_t* kt = a.kt + (bh * S + j0) * Pd;
-        const Tensor V = mat(a.v + (bh * S + j0) * dv, nk, dv);
-        const Tensor Vt_cols = mat(a.vt + (bh * S + j0) * Pdv, nk, Pdv);
+        const acc_t* v = a.v + (bh * S + j0) * dv;
+        const acc_t* vt = a.vt + (bh * S + j0) * Pdv;
         // s = c q k^T; the running maximum; s - m_new (-inf where masked); p = exp(s - m_new).
         Tensor Pm = mat(p_buf.data(), nq, nk);
-        at::mm_out(Pm, Q, mat_t(k, nk, d));
+        gemm(p_buf.data(), nk, rm(q, nq, d), tr(k, nk, d), one, zero);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* row = p_buf.data() + i * nk;
           const int64_t vis = visible(causal, i0 + i, j0, nk);
@@ -196,10 +199,8 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
         }
         // s_t / c = q_t k^T + q k_t^T: St = q_t k^T [(i, p), j], R = q k_t^T [i, (j, p)]; then
         // St := p s_t (0 where masked, as p is) and mu += sum_j p s_t.
-        Tensor St = mat(st_buf.data(), nq * P, nk);
-        Tensor R = mat(r_buf.data(), nq, nk * P);
-        at::mm_out(St, Qt, mat_t(k, nk, d));
-        at::mm_out(R, Q, mat_t(kt, nk * P, d));
+        gemm(st_buf.data(), nk, rm(qt, nq * P, d), tr(k, nk, d), one, zero);
+        gemm(r_buf.data(), nk * P, rm(q, nq, d), tr(kt, nk * P, d), one, zero);
         for (int64_t i = 0; i < nq; ++i) {
           const acc_t* prow = p_buf.data() + i * nk;
           const acc_t* rrow = r_buf.data() + i * nk * P;
@@ -207,9 +208,9 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
             mu[i * P + p] += forward_probe_row(prow, rrow + p, st_buf.data() + (i * P + p) * nk, nk, P, c);
           }
         }
-        at::addmm_out(O, O, Pm, V);                    // o += p v
-        at::addmm_out(Ot_rows, Ot_rows, St, V);        // o_t += (p s_t) v
-        at::addmm_out(Ot_cols, Ot_cols, Pm, Vt_cols);  // o_t += p v_t
+        gemm(o, dv, rm(p_buf.data(), nq, nk), rm(v, nk, dv), one, one);                // o += p v
+        gemm(ot, dv, rm(st_buf.data(), nq * P, nk), rm(v, nk, dv), one, one);          // o_t += (p s_t) v
+        gemm(ot, Pdv, rm(p_buf.data(), nq, nk), rm(vt, nk, Pdv), one, one);            // o_t += p v_t
       }
       // Normalise: o = o / l, mu = mu / l, o_t = o_t / l - mu o, lse = m + log l.
       for (int64_t i = 0; i < nq; ++i) {
@@ -243,6 +244,7 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, bool h
   const int64_t Pd = P * d, Pdv = P * dv;
   const int64_t nkb = blocks(S, kBlockK);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t one = 1, zero = 0;
   at::parallel_for(0, BH * chunks, 1, [&](int64_t task0, int64_t task1) {
     // p, g_p then g_s, and sum_probes g_t . v_t [nq, nk]; q_t k^T then p (s_t - mu), and g_t v^T then
     // g_st [(i, p), j]; q k_t^T then g_st [i, (j, p)].
@@ -259,79 +261,74 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, bool h
         const acc_t* kt = a.kt + (bh * S + j0) * Pd;
         const acc_t* v = a.v + (bh * S + j0) * dv;
         const acc_t* vt = a.vt + (bh * S + j0) * Pdv;
-        const Tensor K = mat(k, nk, d), Kt = mat(kt, nk * P, d);
-        Tensor GK = mat(a.gk + (bh * S + j0) * d, nk, d);
-        Tensor GV = mat(a.gv + (bh * S + j0) * dv, nk, dv);
-        Tensor GKt = mat(a.gkt + (bh * S + j0) * Pd, nk * P, d);       // rows (j, p)
-        Tensor GVt_cols = mat(a.gvt + (bh * S + j0) * Pdv, nk, Pdv);  // one row per key
-        GK.zero_();
-        GV.zero_();
-        GKt.zero_();
-        GVt_cols.zero_();
+        acc_t* gk = a.gk + (bh * S + j0) * d;
+        acc_t* gv = a.gv + (bh * S + j0) * dv;
+        acc_t* gkt = a.gkt + (bh * S + j0) * Pd;   // rows (j, p)
+        acc_t* gvt = a.gvt + (bh * S + j0) * Pdv;  // rows (j, p), or one row per key
+        std::fill(gk, gk + nk * d, acc_t(0));
+        std::fill(gv, gv + nk * dv, acc_t(0));
+        std::fill(gkt, gkt + nk * Pd, acc_t(0));
+        std::fill(gvt, gvt + nk * Pdv, acc_t(0));
         // Causal: query rows before j0 see none of the block's keys.
         const int64_t first_q = causal ? (j0 / kBlockQ) * kBlockQ : 0;
         for (int64_t i0 = first_q; i0 < T; i0 += kBlockQ) {
           const int64_t nq = std::min(kBlockQ, T - i0);
+          // Causal: the block's keys after the query block's last row are masked for all of its rows,
+          // so the pair works on the first ns of them only (as the forward does).
+          const int64_t ns = causal ? std::min(nk, i0 + nq - j0) : nk;
           const acc_t* q = a.q + (bh * T + i0) * d;
           const acc_t* qt = a.qt + (bh * T + i0) * Pd;
           const acc_t* go = a.go + (bh * T + i0) * dv;
-          const acc_t* gt = a.gt + (bh * T + i0) * Pdv;
-          const Tensor Q = mat(q, nq, d), Qt = mat(qt, nq * P, d);
-          const Tensor GO = mat(go, nq, dv);
-          const Tensor GT_rows = mat(gt, nq * P, dv), GT_cols = mat(gt, nq, Pdv);
-          Tensor GQ = mat(gq + i0 * d, nq, d);
-          Tensor GQt = mat(gqt + i0 * Pd, nq * P, d);  // rows (i, p)
+          const acc_t* gt = a.gt + (bh * T + i0) * Pdv;  // rows (i, p), or one row per query
+          acc_t* gqb = gq + i0 * d;
+          acc_t* gqtb = gqt + i0 * Pd;  // rows (i, p)
           // p = exp(c q k^T - lse), 0 where masked.
-          Tensor Pm = mat(p_buf.data(), nq, nk);
-          at::mm_out(Pm, Q, mat_t(k, nk, d));
+          Tensor Pm = mat(p_buf.data(), nq, ns);
+          gemm(p_buf.data(), ns, rm(q, nq, d), tr(k, ns, d), one, zero);
           for (int64_t i = 0; i < nq; ++i) {
-            acc_t* row = p_buf.data() + i * nk;
+            acc_t* row = p_buf.data() + i * ns;
             const acc_t lse = a.lse[bh * T + i0 + i];
-            const int64_t vis = visible(causal, i0 + i, j0, nk);
+            const int64_t vis = visible(causal, i0 + i, j0, ns);
             for (int64_t j = 0; j < vis; ++j) row[j] = c * row[j] - lse;
-            for (int64_t j = vis; j < nk; ++j) row[j] = kNegInf;
+            for (int64_t j = vis; j < ns; ++j) row[j] = kNegInf;
           }
           at::exp_(Pm);
           // Gp = g_o v^T, Y = sum_probes g_t v_t^T (one GEMM over the [nq, P dv] rows),
           // St = q_t k^T, A = g_t v^T [(i, p), j], R = q k_t^T [i, (j, p)].
-          Tensor Gp = mat(gp_buf.data(), nq, nk), Y = mat(y_buf.data(), nq, nk);
-          Tensor St = mat(st_buf.data(), nq * P, nk), A = mat(a_buf.data(), nq * P, nk);
-          Tensor R = mat(r_buf.data(), nq, nk * P);
+          acc_t *pb = p_buf.data(), *gpb = gp_buf.data(), *yb = y_buf.data();
+          acc_t *stb = st_buf.data(), *ab = a_buf.data(), *rb = r_buf.data();
           if (has_go) {
-            at::mm_out(Gp, GO, mat_t(v, nk, dv));
+            gemm(gpb, ns, rm(go, nq, dv), tr(v, ns, dv), one, zero);
           } else {
-            Gp.zero_();  // no cotangent for o (its caller uses o_t only): g_o v^T = 0
+            std::fill(gpb, gpb + nq * ns, acc_t(0));  // no cotangent for o (its caller uses o_t only)
           }
-          at::mm_out(Y, GT_cols, mat_t(vt, nk, Pdv));
-          at::mm_out(St, Qt, mat_t(k, nk, d));
-          at::mm_out(A, GT_rows, mat_t(v, nk, dv));
-          at::mm_out(R, Q, mat_t(kt, nk * P, d));
+          gemm(yb, ns, rm(gt, nq, Pdv), tr(vt, ns, Pdv), one, zero);
+          gemm(stb, ns, rm(qt, nq * P, d), tr(k, ns, d), one, zero);
+          gemm(ab, ns, rm(gt, nq * P, dv), tr(v, ns, dv), one, zero);
+          gemm(rb, ns * P, rm(q, nq, d), tr(kt, ns * P, d), one, zero);
           // Per probe, with s_t = c (St + R), a = A:
           //   g_p += (s_t - mu) a + v_t . g_t - s_t (o . g_t)   (the v_t . g_t terms are Y)
           //   g_st = p (a - o . g_t)  into A and R (both layouts);  p (s_t - mu) into St;
           // then g_s = p (g_p - D) into Gp.
           for (int64_t i = 0; i < nq; ++i) {
-            const acc_t* prow = p_buf.data() + i * nk;
-            const acc_t* yrow = y_buf.data() + i * nk;
-            acc_t* gprow = gp_buf.data() + i * nk;
-            acc_t* rrow = r_buf.data() + i * nk * P;
+            const acc_t* prow = pb + i * ns;
+            acc_t* gprow = gpb + i * ns;
+            acc_t* rrow = rb + i * ns * P;
             for (int64_t p = 0; p < P; ++p) {
               const acc_t mu = a.mu[(p * BH + bh) * T + i0 + i], og = a.og[(p * BH + bh) * T + i0 + i];
-              backward_probe_row(prow, st_buf.data() + (i * P + p) * nk, a_buf.data() + (i * P + p) * nk, rrow + p,
-                                 gprow, nk, P, c, mu, og);
+              backward_probe_row(prow, stb + (i * P + p) * ns, ab + (i * P + p) * ns, rrow + p, gprow, ns, P, c, mu, og);
             }
-            backward_score_row(prow, yrow, gprow, nk, a.D[bh * T + i0 + i]);
+            backward_score_row(prow, yb + i * ns, gprow, ns, a.D[bh * T + i0 + i]);
           }
-          const Tensor Pm_t = mat_t(p_buf.data(), nq, nk);
-          if (has_go) at::addmm_out(GV, GV, Pm_t, GO);                        // g_v += p^T g_o
-          at::addmm_out(GV, GV, mat_t(st_buf.data(), nq * P, nk), GT_rows);   //   + (p (s_t - mu))^T g_t
-          at::addmm_out(GVt_cols, GVt_cols, Pm_t, GT_cols);                   // g_vt += p^T g_t
-          at::addmm_out(GQ, GQ, Gp, K, 1, c);                                 // g_q += c g_s k
-          at::addmm_out(GQ, GQ, R, Kt, 1, c);                                 //   + c g_st k_t
-          at::addmm_out(GQt, GQt, A, K, 1, c);                                // g_qt += c g_st k
-          at::addmm_out(GK, GK, mat_t(gp_buf.data(), nq, nk), Q, 1, c);       // g_k += c g_s^T q
-          at::addmm_out(GK, GK, mat_t(a_buf.data(), nq * P, nk), Qt, 1, c);   //   + c g_st^T q_t
-          at::addmm_out(GKt, GKt, mat_t(r_buf.data(), nq, nk * P), Q, 1, c);  // g_kt += c g_st^T q
+          if (has_go) gemm(gv, dv, tr(pb, nq, ns), rm(go, nq, dv), one, one);  // g_v += p^T g_o
+          gemm(gv, dv, tr(stb, nq * P, ns), rm(gt, nq * P, dv), one, one);      //   + (p (s_t - mu))^T g_t
+          gemm(gvt, Pdv, tr(pb, nq, ns), rm(gt, nq, Pdv), one, one);            // g_vt += p^T g_t
+          gemm(gqb, d, rm(gpb, nq, ns), rm(k, ns, d), c, one);                  // g_q += c g_s k
+          gemm(gqb, d, rm(rb, nq, ns * P), rm(kt, ns * P, d), c, one);          //   + c g_st k_t
+          gemm(gqtb, d, rm(ab, nq * P, ns), rm(k, ns, d), c, one);              // g_qt += c g_st k
+          gemm(gk, d, tr(gpb, nq, ns), rm(q, nq, d), c, one);                   // g_k += c g_s^T q
+          gemm(gk, d, tr(ab, nq * P, ns), rm(qt, nq * P, d), c, one);           //   + c g_st^T q_t
+          gemm(gkt, d, tr(rb, nq, ns * P), rm(q, nq, d), c, one);               // g_kt += c g_st^T q
         }
       }
     }

@@ -1,0 +1,110 @@
+// Row-major GEMM on raw pointers for the blockwise CPU kernels, straight into the BLAS that
+// libtorch links (MKL on x86 wheels: `sgemm_` / `dgemm_`, the LP64 Fortran interface).
+//
+// Why not at::mm_out on from_blob views: a blockwise kernel issues thousands of small GEMMs
+// (64 x 128 x 64) per call, and each at::mm_out pays the dispatcher, the Tensor views and the shape
+// checks, a few microseconds against ~10 us of arithmetic. The BLAS symbols are weak references:
+// where libtorch exports no `sgemm_` / `dgemm_` (another BLAS, another platform) they resolve to
+// null and `gemm` falls back to at::addmm_out on views, the same arithmetic through ATen.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#if defined(__GNUC__) && !defined(_WIN32)
+#define GROKALIGN_WEAK_BLAS 1
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+#endif
+
+namespace grokalign {
+namespace blas {
+
+// A row-major operand: `rows` x `cols` as used in the product, stored at p with leading dimension ld.
+// rm(p, r, c) is the [r, c] matrix itself; tr(p, r, c) is the transpose of the stored [r, c] matrix
+// (a [c, r] operand, read by BLAS with its transpose flag, no copy).
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t rows, cols, ld;
+  bool transposed;
+};
+template <typename T>
+Mat<T> rm(const T* p, int64_t rows, int64_t cols) {
+  return {p, rows, cols, cols, false};
+}
+template <typename T>
+Mat<T> tr(const T* p, int64_t rows, int64_t cols) {
+  return {p, cols, rows, cols, true};
+}
+
+namespace detail {
+template <typename T>
+at::Tensor view(const Mat<T>& m) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const int64_t r = m.transposed ? m.cols : m.rows, c = m.transposed ? m.rows : m.cols;
+  at::Tensor stored = at::from_blob(const_cast<T*>(m.p), {r, c}, {m.ld, 1}, options);
+  return m.transposed ? stored.t() : stored;
+}
+
+template <typename T>
+void aten_gemm(T* c, int64_t ldc, const Mat<T>& a, const Mat<T>& b, T alpha, T beta) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor C = at::from_blob(c, {a.rows, b.cols}, {ldc, 1}, options);
+  if (beta == T(0)) C.zero_();  // BLAS semantics: with beta = 0, C's old contents (even NaN) are ignored
+  at::addmm_out(C, C, view(a), view(b), beta == T(0) ? T(1) : beta, alpha);
+}
+
+inline bool fits_int(int64_t x) { return x <= std::numeric_limits<int>::max(); }
+}  // namespace detail
+
+// C[M, N] = alpha a b + beta C (row-major, ldc), with M = a.rows, K = a.cols = b.rows, N = b.cols.
+// With beta = 0, C is written without being read.
+template <typename T>
+void gemm(T* c, int64_t ldc, const Mat<T>& a, const Mat<T>& b, T alpha, T beta) {
+  TORCH_CHECK(a.cols == b.rows, "blas::gemm: inner dimensions differ (", a.cols, " vs ", b.rows, ")");
+  const int64_t M = a.rows, N = b.cols, K = a.cols;
+  if (M == 0 || N == 0) return;
+#ifdef GROKALIGN_WEAK_BLAS
+  constexpr bool is_float = std::is_same_v<T, float>, is_double = std::is_same_v<T, double>;
+  const bool have = (is_float && sgemm_ != nullptr) || (is_double && dgemm_ != nullptr);
+  if (have && K > 0 && detail::fits_int(std::max({M, N, K, a.ld, b.ld, ldc}))) {
+    // Row-major C = A B is column-major C^T = B^T A^T; a stored row-major [r, c] block is a
+    // column-major [c, r] one, so an untransposed row-major operand needs no transpose flag here.
+    const char ta = b.transposed ? 'T' : 'N', tb = a.transposed ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int lda = static_cast<int>(std::max<int64_t>(b.ld, 1)), ldb = static_cast<int>(std::max<int64_t>(a.ld, 1));
+    const int ldcc = static_cast<int>(std::max<int64_t>(ldc, 1));
+    if constexpr (is_float) {
+      sgemm_(&ta, &tb, &m, &n, &k, &alpha, b.p, &lda, a.p, &ldb, &beta, c, &ldcc);
+      return;
+    } else if constexpr (is_double) {
+      dgemm_(&ta, &tb, &m, &n, &k, &alpha, b.p, &lda, a.p, &ldb, &beta, c, &ldcc);
+      return;
+    }
+  }
+#endif
+  detail::aten_gemm(c, ldc, a, b, alpha, beta);
+}
+
+// True when gemm<T> calls the BLAS directly (tests and benchmarks report which path ran).
+template <typename T>
+bool direct() {
+#ifdef GROKALIGN_WEAK_BLAS
+  if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
+  if constexpr (std::is_same_v<T, double>) return dgemm_ != nullptr;
+#endif
+  return false;
+}
+
+}  // namespace blas
+}  // namespace grokalign
