@@ -33,10 +33,14 @@
 // the copies are summed at the end. chunks = ceil(threads / (B H)) (at most the number of key
 // blocks): with B H >= threads there is one copy and no reduction.
 //
-// The GEMMs run through ATen (MKL) on views of the blocks: a 64 x 128 x 64 float GEMM runs at
-// ~90 GFLOP/s on one core against ~60 for plain loops (and 4x less without -march). The
-// exponentials go through at::exp_ (vectorised); the per-probe passes are SIMD functions (3-4% of
-// the forward + backward at P = 4, two threads, against the same loops inside the task lambdas).
+// The GEMMs go straight to the BLAS libtorch links (csrc/cpu/blas.h; MKL's sgemm_ on x86 wheels): a
+// 64 x 128 x 64 float GEMM runs at ~95 GFLOP/s on one core against ~60 for plain loops, and calling
+// the BLAS without at::mm_out's dispatch and views made the op 2-5% faster at T = 1024 and 15% at
+// GPT's causal T = 256 (thousands of block GEMMs a call). Causal block pairs stop at the last key
+// their query rows see, in the backward as in the forward. The score passes (running maximum, exp,
+// row sums) and the per-probe passes are SIMD loops (simd_math::exp for float): against at::exp_ on
+// the block and scalar loops, 4-6% of the forward + backward at P = 4 and ~10% at P = 1 (T = 1024,
+// two threads).
 // Half and bfloat16 inputs are converted to float first; everything is computed in acc_t (float, or
 // double for double) and o, o_t and the input gradients converted back to the inputs' dtype.
 #include <ATen/ATen.h>
@@ -71,19 +75,6 @@ using blas::rm;
 using blas::tr;
 
 int64_t blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
-
-// The row-major [rows, cols] matrix at p (no copy, no ownership), and its transpose [cols, rows]
-// (a view MKL reads with its transpose flag).
-template <typename acc_t>
-Tensor mat(const acc_t* p, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {cols, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-template <typename acc_t>
-Tensor mat_t(const acc_t* p, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<acc_t*>(p), {cols, rows}, {1, cols},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
 
 // Keys of the block [j0, j0 + nk) visible to query row i: all, or (causal: j <= i) the first
 // clamp(i - j0 + 1, 0, nk).
@@ -133,6 +124,63 @@ SIMD_TARGETS void backward_score_row(const T* __restrict__ prow, const T* __rest
   for (int64_t j = 0; j < nk; ++j) gprow[j] = prow[j] * (gprow[j] + y[j] - D);
 }
 
+// exp in the score passes: simd_math::exp for float (inlined, so the row loops vectorise; relative
+// error 8.3e-8), libm's for double.
+inline float score_exp(float x) { return simd_math::exp(x); }
+inline double score_exp(double x) { return std::exp(x); }
+
+// Forward, the score block p [nq, nk] (q k^T of query rows i0.. and keys j0..) into the online
+// softmax: per row, the running maximum m grows to mx = max(m, c p_j) over the visible keys,
+// alpha = exp(m_old - mx) is the rescale of the running sums, p_j := exp(c p_j - mx) (0 where
+// masked), and l := l alpha + sum_j p_j. For float, run inside simd_math::dispatch.
+template <typename T>
+inline void forward_scores(T* __restrict__ p, int64_t nq, int64_t nk, int64_t i0, int64_t j0, bool causal, T c,
+                           T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
+  for (int64_t i = 0; i < nq; ++i) {
+    T* __restrict__ row = p + i * nk;
+    const int64_t vis = visible(causal, i0 + i, j0, nk);
+    T mx = m[i];
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, c * row[j]);
+    // The first key block holds key 0, visible to every row, so mx is finite from then on.
+    alpha[i] = std::exp(m[i] - mx);
+    m[i] = mx;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < vis; ++j) {
+      const T e = score_exp(c * row[j] - mx);
+      row[j] = e;
+      sum += e;
+    }
+    for (int64_t j = vis; j < nk; ++j) row[j] = 0;
+    l[i] = l[i] * alpha[i] + sum;
+  }
+}
+
+// Backward, the score block p [nq, nk] recomputed: p_j := exp(c p_j - lse_i), 0 where masked.
+template <typename T>
+inline void backward_scores(T* __restrict__ p, int64_t nq, int64_t nk, int64_t i0, int64_t j0, bool causal, T c,
+                            const T* __restrict__ lse) {
+  for (int64_t i = 0; i < nq; ++i) {
+    T* __restrict__ row = p + i * nk;
+    const int64_t vis = visible(causal, i0 + i, j0, nk);
+    const T shift = lse[i];
+#pragma omp simd
+    for (int64_t j = 0; j < vis; ++j) row[j] = score_exp(c * row[j] - shift);
+    for (int64_t j = vis; j < nk; ++j) row[j] = 0;
+  }
+}
+
+// Runs f() under simd_math::dispatch for float (AVX2 + FMA where the CPU has them), directly for double.
+template <typename T, typename F>
+void run_scores(F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    simd_math::dispatch(f);
+  } else {
+    f();
+  }
+}
+
 // Forward's inputs and outputs in acc_t, contiguous, in the layouts of the file comment:
 // q [BH, T, d], k [BH, S, d], v [BH, S, dv], qt [BH, T, P, d], kt [BH, S, P, d], vt [BH, S, P, dv];
 // o [BH, T, dv], ot [BH, T, P, dv], lse [BH, T], mu [P, BH, T].
@@ -172,27 +220,11 @@ void forward_kernel(const Dims& n, bool causal, acc_t c, const Fwd<acc_t>& a) {
         const acc_t* kt = a.kt + (bh * S + j0) * Pd;
         const acc_t* v = a.v + (bh * S + j0) * dv;
         const acc_t* vt = a.vt + (bh * S + j0) * Pdv;
-        // s = c q k^T; the running maximum; s - m_new (-inf where masked); p = exp(s - m_new).
-        Tensor Pm = mat(p_buf.data(), nq, nk);
+        // s = c q k^T; the running maximum; p = exp(s - m_new) (0 where masked); l and the other
+        // running sums rescaled to the new maximum.
         gemm(p_buf.data(), nk, rm(q, nq, d), tr(k, nk, d), one, zero);
+        run_scores<acc_t>([&] { forward_scores(p_buf.data(), nq, nk, i0, j0, causal, c, m.data(), l.data(), alpha.data()); });
         for (int64_t i = 0; i < nq; ++i) {
-          acc_t* row = p_buf.data() + i * nk;
-          const int64_t vis = visible(causal, i0 + i, j0, nk);
-          acc_t mx = m[i];
-          for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, c * row[j]);
-          // The first key block holds key 0, visible to every row, so mx is finite from then on.
-          alpha[i] = std::exp(m[i] - mx);
-          m[i] = mx;
-          for (int64_t j = 0; j < vis; ++j) row[j] = c * row[j] - mx;
-          for (int64_t j = vis; j < nk; ++j) row[j] = kNegInf;
-        }
-        at::exp_(Pm);
-        // l = l alpha + sum_j p; the other running sums rescaled to the new maximum.
-        for (int64_t i = 0; i < nq; ++i) {
-          const acc_t* row = p_buf.data() + i * nk;
-          acc_t sum = 0;
-          for (int64_t j = 0; j < nk; ++j) sum += row[j];
-          l[i] = l[i] * alpha[i] + sum;
           for (int64_t e = 0; e < dv; ++e) o[i * dv + e] *= alpha[i];
           for (int64_t e = 0; e < Pdv; ++e) ot[i * Pdv + e] *= alpha[i];
           for (int64_t p = 0; p < P; ++p) mu[i * P + p] *= alpha[i];
@@ -243,7 +275,6 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, bool h
   const int64_t BH = n.BH(), T = n.T, S = n.S, d = n.d, dv = n.dv, P = n.P;
   const int64_t Pd = P * d, Pdv = P * dv;
   const int64_t nkb = blocks(S, kBlockK);
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t one = 1, zero = 0;
   at::parallel_for(0, BH * chunks, 1, [&](int64_t task0, int64_t task1) {
     // p, g_p then g_s, and sum_probes g_t . v_t [nq, nk]; q_t k^T then p (s_t - mu), and g_t v^T then
@@ -283,16 +314,8 @@ void backward_kernel(const Dims& n, bool causal, acc_t c, int64_t chunks, bool h
           acc_t* gqb = gq + i0 * d;
           acc_t* gqtb = gqt + i0 * Pd;  // rows (i, p)
           // p = exp(c q k^T - lse), 0 where masked.
-          Tensor Pm = mat(p_buf.data(), nq, ns);
           gemm(p_buf.data(), ns, rm(q, nq, d), tr(k, ns, d), one, zero);
-          for (int64_t i = 0; i < nq; ++i) {
-            acc_t* row = p_buf.data() + i * ns;
-            const acc_t lse = a.lse[bh * T + i0 + i];
-            const int64_t vis = visible(causal, i0 + i, j0, ns);
-            for (int64_t j = 0; j < vis; ++j) row[j] = c * row[j] - lse;
-            for (int64_t j = vis; j < ns; ++j) row[j] = kNegInf;
-          }
-          at::exp_(Pm);
+          run_scores<acc_t>([&] { backward_scores(p_buf.data(), nq, ns, i0, j0, causal, c, a.lse + bh * T + i0); });
           // Gp = g_o v^T, Y = sum_probes g_t v_t^T (one GEMM over the [nq, P dv] rows),
           // St = q_t k^T, A = g_t v^T [(i, p), j], R = q k_t^T [i, (j, p)].
           acc_t *pb = p_buf.data(), *gpb = gp_buf.data(), *yb = y_buf.data();
