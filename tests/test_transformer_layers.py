@@ -149,8 +149,9 @@ def test_gpt_on_the_engine_equals_the_reference(train, subsample, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("subsample", [None, 0.4], ids=["all", "sub0.4"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_modadd_transformer_on_the_engine_equals_the_reference(train, engine):
+def test_modadd_transformer_on_the_engine_equals_the_reference(train, subsample, engine):
     """The modular-addition transformer of experiments/modadd.py (its last query through SDPA), with
     the penalty at the embeddings as the experiment takes it."""
     from grokalign_fast.experiments.modadd import QUICK, Config, Transformer
@@ -160,13 +161,39 @@ def test_modadd_transformer_on_the_engine_equals_the_reference(train, engine):
     model = Transformer(cfg).double().train(train)
     tokens = torch.randint(0, cfg.p, (5, 3), generator=torch.Generator().manual_seed(2))
     e = model.embed(tokens).detach()
-    kw = dict(estimator="forward", num_probes=2)
+    kw = dict(estimator="forward", num_probes=2, subsample=subsample)
     reg_d, out_d, pen_d, g_d = grokalign_step(model.body, e, 0.7, backend=engine,
                                               generator=torch.Generator().manual_seed(3), **kw)
     reg_r, out_r, pen_r, g_r = grokalign_step(model.body, e, 0.7, backend="reference",
                                               generator=torch.Generator().manual_seed(3), **kw)
-    assert reg_d.last_plan.counts.get("attention") == 1  # 3 keys: the explicit formula's GEMMs
+    assert reg_d.last_plan.counts.get("attention") == 1  # 1 query x 3 keys: small_attention_jvp
     torch.testing.assert_close(out_d, out_r, **F64)
     torch.testing.assert_close(pen_d, pen_r, **F64)
     for a, b in zip(g_d, g_r):
+        torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 3, 8, 5, None), (1, 2, 3, 3, 4, 6, 2), (3, 1, 4, 2, 5, 5, 3)],
+                         ids=lambda c: "B{}H{}T{}S{}d{}dv{}P{}".format(*c))
+def test_small_attention_jvp_equals_the_reference_op(shape, causal):
+    """The rule's broadcast form for a few scores a head (1 query x 3 keys in the modular-addition
+    transformer) against the reference op: o, o_t and the gradients of all six inputs, float64."""
+    from grokalign_fast.dual.rules.attention import SMALL_MAX_SCORES, small_attention_jvp
+    from grokalign_fast.ops.attention_jvp.reference import attention_jvp as reference
+
+    B, H, T, S, d, dv, P = shape
+    assert T * S <= SMALL_MAX_SCORES
+    g = torch.Generator().manual_seed(5)
+    lead = () if P is None else (P,)
+    shapes = [(B, H, T, d), (B, H, S, d), (B, H, S, dv), (*lead, B, H, T, d), (*lead, B, H, S, d), (*lead, B, H, S, dv)]
+    args = [torch.randn(sh, generator=g, dtype=DT) for sh in shapes]
+    cot = [torch.randn(B, H, T, dv, generator=g, dtype=DT), torch.randn(*lead, B, H, T, dv, generator=g, dtype=DT)]
+    results = []
+    for f in (small_attention_jvp, reference):
+        xs = [a.clone().requires_grad_() for a in args]
+        outs = f(*xs, causal=causal, scale=0.6)
+        grads = torch.autograd.grad(outs, xs, cot)
+        results.append([*outs, *grads])
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, **F64)
