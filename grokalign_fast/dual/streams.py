@@ -88,10 +88,13 @@ class Streams:
         return s.shape[0] // self.N
 
     def split(self, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """``(primal [B*m, ...], tangent [K, R*m, ...], m)``: views of ``s``."""
+        """``(primal [B*m, ...], tangent [K, R*m, ...], m)``: views of ``s``. One ``torch.split``
+        rather than two slices: its backward is one ``cat`` of the two gradients, where each slice's
+        would fill a zero tensor of ``s``'s size and the two be added."""
         m = self.block(s)
         Bm = self.B * m
-        return s[:Bm], s[Bm:].view((self.K, self.R * m) + tuple(s.shape[1:])), m
+        primal, tangent = torch.split(s, [Bm, s.shape[0] - Bm])
+        return primal, tangent.view((self.K, self.R * m) + tuple(s.shape[1:])), m
 
     def join(self, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
         """Stack primal rows [B*m, ...] and tangent rows ([K, R*m, ...] or [K*R*m, ...]) into a dual value."""
