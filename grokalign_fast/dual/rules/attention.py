@@ -8,9 +8,10 @@ whose pieces have rules of their own: the score and output products follow the p
 (``S' = (Q' K^T + Q K'^T) * scale``, ``O' = P' V + P V'``), the softmax
 ``P' = P * (S' - rowsum(P * S'))``, a mask moves the primal scores only, and dropout on ``P`` takes
 the primal rows' mask. That form materialises the ``T x S`` score matrix; from
-:data:`FUSED_MIN_KEYS` keys up, without a mask or dropout, the C++ kernels run instead
-:func:`~grokalign_fast.ops.attention_jvp.attention_jvp` (:func:`_fused`: blockwise, the tangent
-streams sharing the primal's softmax statistics, memory linear in the sequence length). Up to
+:data:`FUSED_MIN_KEYS` keys up, without a mask or dropout, the C++ or the Triton kernels (as
+``ctx.kernels`` asks) run instead :func:`~grokalign_fast.ops.attention_jvp.attention_jvp`
+(:func:`_fused`: blockwise, the tangent streams sharing the primal's softmax statistics, memory
+linear in the sequence length; :data:`FUSED_MIN_KEYS` was measured for the C++ op on the CPU). Up to
 :data:`SMALL_MAX_SCORES` scores a head (a read-out query over a few tokens), the same formula runs
 with broadcast products instead of batched GEMMs (:func:`small_attention_jvp`).
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ...ops.attention_jvp import attention_jvp
 from ...ops.attention_jvp import cpp as attention_jvp_cpp
+from ...ops.attention_jvp import unavailable_reasons as attention_jvp_unavailable
 from . import register
 from ._args import arg
 from ..streams import SampleMixingError, Streams
@@ -113,8 +115,11 @@ def _fused(ctx: Streams, q, k, v, is_causal, scale):
         q_p, k_p, v_p = q_p.unsqueeze(1), k_p.unsqueeze(1), v_p.unsqueeze(1)
         q_t, k_t, v_t = q_t.unsqueeze(2), k_t.unsqueeze(2), v_t.unsqueeze(2)
     backend = "reference"
-    if ctx.kernels == "cpp" and k.shape[-2] >= FUSED_MIN_KEYS and attention_jvp_cpp.unavailable_reason(q) is None:
-        backend = ctx.kernel = "cpp"
+    if k.shape[-2] >= FUSED_MIN_KEYS:
+        if ctx.kernels == "cpp" and attention_jvp_cpp.unavailable_reason(q) is None:
+            backend = ctx.kernel = "cpp"
+        elif ctx.kernels == "triton" and attention_jvp_unavailable(q_p, k_p, v_p, q_t, k_t, v_t)["triton"] is None:
+            backend = ctx.kernel = "triton"
     if backend == "reference" and q.shape[-2] * k.shape[-2] <= SMALL_MAX_SCORES:
         op = small_attention_jvp
     else:
