@@ -57,36 +57,41 @@ def op_inputs(T, P, dtype=torch.float32, seed=0):
     return prim, tang
 
 
-def op_providers(T, P):
-    """name -> (step, o_t function) for the op benchmark at sequence length T with P probes."""
-    prim, tang = op_inputs(T, P)
-    go = torch.randn(1, H, T, D)
-    gt = torch.randn(P, 1, H, T, D)
-    table = {}
-
-    def plain():
-        o = explicit(*prim)
-        torch.autograd.backward([o], [go])
+def op_forwards(prim, tang):
+    """name -> forward(prim, tang) -> (o, o_t) for every provider that can serve these inputs
+    (``plain``: explicit attention without tangents, its o_t None)."""
+    def plain(prim, tang):
+        return explicit(*prim), None
 
     def func_jvp_ot(prim, tang):
         outs = [torch.func.jvp(explicit, tuple(prim), tuple(t[p] for t in tang)) for p in range(tang[0].shape[0])]
         return outs[0][0], torch.stack([o_t for _, o_t in outs])
 
-    def by(fn):
-        def step():
-            o, o_t = fn(prim, tang)
-            torch.autograd.backward([o, o_t], [go, gt])
-
-        return step
-
-    table["plain"] = (plain, None)
-    table["func_jvp"] = (by(func_jvp_ot), func_jvp_ot)
-    table["reference"] = (by(lambda p, t: reference(*p, *t)), lambda p, t: reference(*p, *t))
+    table = {"plain": plain, "func_jvp": func_jvp_ot, "reference": lambda p, t: reference(*p, *t)}
     reasons = unavailable_reasons(*[x.detach() for x in prim], *[x.detach() for x in tang])
     for name in ("cpp", "triton"):
         if reasons.get(name) is None:
-            fn = (lambda name: lambda p, t: attention_jvp(*p, *t, backend=name))(name)
-            table[name] = (by(fn), fn)
+            table[name] = (lambda name: lambda p, t: attention_jvp(*p, *t, backend=name))(name)
+    return table
+
+
+def op_providers(T, P):
+    """name -> (step, o_t function) for the op benchmark at sequence length T with P probes: the step
+    is forward + backward of a loss on o and o_t."""
+    prim, tang = op_inputs(T, P)
+    go = torch.randn(1, H, T, D)
+    gt = torch.randn(P, 1, H, T, D)
+    table = {}
+
+    def by(fn):
+        def step():
+            o, o_t = fn(prim, tang)
+            torch.autograd.backward([o] if o_t is None else [o, o_t], [go] if o_t is None else [go, gt])
+
+        return step
+
+    for name, fn in op_forwards(prim, tang).items():
+        table[name] = (by(fn), None if name == "plain" else fn)
     return table
 
 

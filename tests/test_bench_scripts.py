@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPP = backends.extension_ops_reason(("dual_linear", "dual_mlp_sqnorm")) is None
 
 
-def _run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="2", TRITON_INTERPRET="1")
+def _run(*args, **extra_env):
+    env = dict(os.environ, OMP_NUM_THREADS="2", TRITON_INTERPRET="1", **extra_env)
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
@@ -51,6 +51,17 @@ def test_interleaved_attention_runs():
     assert "| 16 | 2 | reference |" in out and "| 16 | 2 | func_jvp |" in out and "| 32 | plain |" in out
     assert ("| 32 | cpp |" in out) == CPP
     assert "| ours_sub0.25 |" in out and "gpt step" in out and "modadd step" in out
+
+
+def test_bench_attention_runs():
+    """The pytest-benchmark file of the op and the steps, each benchmark called once on tiny sizes
+    (``--benchmark-disable``); the op's providers are checked against the reference first."""
+    out = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_attention.py", "--benchmark-disable",
+               BENCH_SEQS="16", BENCH_SMALL="1", BENCH_ROUNDS="1")
+    assert " failed" not in out and " passed" in out, out[-2000:]
+    # 2 probes x 2 phases x (plain, func_jvp, reference, and cpp / triton where they serve) + 10 steps
+    served = 3 + CPP + (backends.triton_unavailable_reason() is None)
+    assert f"{4 * served + 10} passed" in out, out[-2000:]
 
 
 @pytest.mark.skipif(not CPP, reason="the C++ extension is not built")
