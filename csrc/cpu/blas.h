@@ -5,7 +5,10 @@
 // (64 x 128 x 64) per call, and each at::mm_out pays the dispatcher, the Tensor views and the shape
 // checks, a few microseconds against ~10 us of arithmetic. The BLAS symbols are weak references:
 // where libtorch exports no `sgemm_` / `dgemm_` (another BLAS, another platform) they resolve to
-// null and `gemm` falls back to at::addmm_out on views, the same arithmetic through ATen.
+// null and `gemm` falls back to at::addmm_out on views, the same arithmetic through ATen. The
+// declarations take 32-bit integers (LP64, MKL's `sgemm_` in torch's x86 wheels; its 64-bit variant
+// is `sgemm_64`); a BLAS exporting 64-bit-integer routines under the plain names would be misread,
+// which tests/cpp/test_blas.cpp and the ops' float64 tests would show at once.
 #pragma once
 
 #include <ATen/ATen.h>
