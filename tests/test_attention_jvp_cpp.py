@@ -4,13 +4,17 @@ six inputs in float64 (causal or not, cross-attention, odd lengths, one or sever
 scale), gradcheck, float32 and half / bfloat16 against the float64 reference, opcheck, memory linear
 in the sequence length, and the argument errors."""
 import math
+import os
+import sys
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from grokalign_fast.ops.attention_jvp import cpp
 from grokalign_fast.ops.attention_jvp.reference import attention_jvp as reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from providers import peak_allocated_bytes  # noqa: E402
 
 from utils import DEVICES, F64, REL32, assert_close_all, assert_within_twice_plain_error, gen, outputs_and_grads
 
@@ -157,19 +161,15 @@ def test_torch_compile_fullgraph():
 
 def _peak_allocated(fn, T, d=16, P=1):
     """Peak of the bytes held by torch's CPU allocator during ``fn``'s forward and backward at length
-    T = S, from the allocation and free events the profiler records (profile_memory=True), counting
-    from the start of the profile (the inputs exist before)."""
+    T = S (bench/providers.py's measure: the profiler's allocation and free events, counted from the
+    call's start; the inputs exist before)."""
     args = inputs(1, 1, T, T, d, d, P)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def step():
         o, o_t = fn(*args)
         (o.sum() + o_t.sum()).backward()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
+
+    return peak_allocated_bytes(step)
 
 
 def test_memory_is_linear_in_the_sequence_length():

@@ -23,6 +23,7 @@ restored afterwards (:func:`batch_first_attention`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 from ...ops.attention_jvp import attention_jvp
 from ...ops.attention_jvp import cpp as attention_jvp_cpp
 from ...ops.attention_jvp import unavailable_reasons as attention_jvp_unavailable
+from ...ops.attention_jvp.reference import attention_jvp as reference_attention_jvp
 from . import register
 from ._args import arg
 from ..streams import SampleMixingError, Streams
@@ -73,29 +75,20 @@ FUSED_MIN_KEYS = 64
 SMALL_MAX_SCORES = 16
 
 
+def _broadcast_scores(a, b):  # a [.., T, d], b [.., S, d] -> a b^T [.., T, S]
+    return (a.unsqueeze(-2) * b.unsqueeze(-3)).sum(-1)
+
+
+def _broadcast_mix(w, x):  # w [.., T, S], x [.., S, e] -> w x [.., T, e]
+    return (w.unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
+
+
 def small_attention_jvp(q, k, v, q_t, k_t, v_t, causal=False, scale=None):
-    """``(o, o_t)`` of :func:`~grokalign_fast.ops.attention_jvp.attention_jvp` (the same formula
-    as its reference, the same layouts: tangents with or without a leading probe dimension), with every
-    product over ``d`` or the keys written as a broadcast multiply and a sum: ``[.., T, S, d]``
+    """``(o, o_t)`` of the reference formula (:func:`grokalign_fast.ops.attention_jvp.reference.attention_jvp`,
+    the same layouts), its products over ``d`` and the keys as broadcast multiplies and sums: ``[.., T, S, d]``
     intermediates, so for a few scores a head only (:data:`SMALL_MAX_SCORES`)."""
-    c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-    def scores(a, b):  # a [.., T, d], b [.., S, d] -> a b^T [.., T, S]
-        return (a.unsqueeze(-2) * b.unsqueeze(-3)).sum(-1)
-
-    def mix(w, x):  # w [.., T, S], x [.., S, e] -> w x [.., T, e]
-        return (w.unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)
-
-    s = c * scores(q, k)
-    visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril() if causal else None
-    if visible is not None:
-        s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    s_t = c * (scores(q_t, k) + scores(q, k_t))
-    if visible is not None:
-        s_t = s_t.masked_fill(~visible, 0.0)
-    mu = (p * s_t).sum(-1, keepdim=True)
-    return mix(p, v), mix(p * (s_t - mu), v) + mix(p, v_t)
+    return reference_attention_jvp(q, k, v, q_t, k_t, v_t, causal, scale, scores=_broadcast_scores,
+                                   mix=_broadcast_mix)
 
 
 def _fused(ctx: Streams, q, k, v, is_causal, scale):
@@ -123,8 +116,7 @@ def _fused(ctx: Streams, q, k, v, is_causal, scale):
     if backend == "reference" and q.shape[-2] * k.shape[-2] <= SMALL_MAX_SCORES:
         op = small_attention_jvp
     else:
-        def op(*args, **kwargs):
-            return attention_jvp(*args, **kwargs, backend=backend)
+        op = functools.partial(attention_jvp, backend=backend)
     if ctx.index is None:
         o, o_t = op(q_p, k_p, v_p, q_t, k_t, v_t, causal=is_causal, scale=scale)
     else:

@@ -37,7 +37,7 @@ the ground truth the kernels are tested against.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -48,21 +48,25 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor:
 
 
 def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                  v_t: torch.Tensor, causal: bool = False, scale: Optional[float] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+                  v_t: torch.Tensor, causal: bool = False, scale: Optional[float] = None,
+                  scores: Callable = None, mix: Callable = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(o, o_t)`` by the explicit formula (module doc). ``q [B, H, T, d]``, ``k [B, H, S, d]``,
     ``v [B, H, S, dv]``; the tangents have the same shapes or a leading probe dimension ``P`` (all
-    three alike), and ``o_t`` has the tangents' layout."""
+    three alike), and ``o_t`` has the tangents' layout. The formula's two products can be given:
+    ``scores(a [.., T, d], b [.., S, d]) -> a b^T`` and ``mix(w [.., T, S], x [.., S, e]) -> w x``
+    (default: matmul)."""
+    scores = scores or (lambda a, b: a @ b.transpose(-1, -2))
+    mix = mix or (lambda w, x: w @ x)
     c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    s = c * (q @ k.transpose(-1, -2))
+    s = c * scores(q, k)
     mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if causal else None
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    o = p @ v
-    s_t = c * (q_t @ k.transpose(-1, -2) + q @ k_t.transpose(-1, -2))
+    o = mix(p, v)
+    s_t = c * (scores(q_t, k) + scores(q, k_t))
     if mask is not None:
         s_t = s_t.masked_fill(~mask, 0.0)
     mu = (p * s_t).sum(-1, keepdim=True)
-    o_t = (p * (s_t - mu)) @ v + p @ v_t
+    o_t = mix(p * (s_t - mu), v) + mix(p, v_t)
     return o, o_t
