@@ -73,6 +73,69 @@ struct Vec<double> {
   static GROKALIGN_AVX512_INLINE void store(double* p, mask m, reg x) { _mm512_mask_storeu_pd(p, m, x); }
 };
 
+// Register shuffles through their masked forms with every lane selected: the same instructions,
+// but GCC 12 warns (wrongly, GCC bug 105593) that the plain forms read an uninitialised register.
+template <int imm>
+GROKALIGN_AVX512_INLINE __m512 lanes128(__m512 a, __m512 b) {
+  return _mm512_mask_shuffle_f32x4(a, __mmask16(0xFFFF), a, b, imm);
+}
+template <int imm>
+GROKALIGN_AVX512_INLINE __m512 within128(__m512 a, __m512 b) {
+  return _mm512_mask_shuffle_ps(a, __mmask16(0xFFFF), a, b, imm);
+}
+
+// dst[k ldd + j] = src[j ld + k] for j, k < L (the lanes): one L x L block transposed in registers
+// (unpacks within 128-bit lanes, then two rounds of 128-bit lane shuffles).
+GROKALIGN_AVX512_INLINE void transpose_block(const float* src, int64_t ld, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + j * ld);
+  for (int j = 0; j < 16; j += 2) {  // per 128-bit lane l: t[j] = (r_j, r_j+1) at 4l, 4l + 1; t[j+1] at 4l + 2, 4l + 3
+    t[j] = _mm512_mask_unpacklo_ps(r[j], __mmask16(0xFFFF), r[j], r[j + 1]);
+    t[j + 1] = _mm512_mask_unpackhi_ps(r[j], __mmask16(0xFFFF), r[j], r[j + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // r[4g + i]: rows 4g .. 4g + 3 at column 4l + i of lane l
+    r[4 * g + 0] = within128<0x44>(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 1] = within128<0xEE>(t[4 * g], t[4 * g + 2]);
+    r[4 * g + 2] = within128<0x44>(t[4 * g + 1], t[4 * g + 3]);
+    r[4 * g + 3] = within128<0xEE>(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // lanes of (groups 0, 1) and (groups 2, 3): columns i, 8 + i / 4 + i, 12 + i
+    t[i] = lanes128<0x88>(r[i], r[4 + i]);
+    t[4 + i] = lanes128<0xDD>(r[i], r[4 + i]);
+    t[8 + i] = lanes128<0x88>(r[8 + i], r[12 + i]);
+    t[12 + i] = lanes128<0xDD>(r[8 + i], r[12 + i]);
+  }
+  for (int i = 0; i < 4; ++i) {  // columns i, 8 + i, 4 + i, 12 + i: all 16 rows each
+    _mm512_storeu_ps(dst + i * ldd, lanes128<0x88>(t[i], t[8 + i]));
+    _mm512_storeu_ps(dst + (8 + i) * ldd, lanes128<0xDD>(t[i], t[8 + i]));
+    _mm512_storeu_ps(dst + (4 + i) * ldd, lanes128<0x88>(t[4 + i], t[12 + i]));
+    _mm512_storeu_ps(dst + (12 + i) * ldd, lanes128<0xDD>(t[4 + i], t[12 + i]));
+  }
+}
+
+// The double block: the same steps on 64-bit entries (pairs of floats: the float shuffles move them
+// as the double ones would).
+GROKALIGN_AVX512_INLINE void transpose_block(const double* src, int64_t ld, double* dst, int64_t ldd) {
+  __m512 r[8], t[8];
+  for (int j = 0; j < 8; ++j) r[j] = _mm512_castpd_ps(_mm512_loadu_pd(src + j * ld));
+  for (int j = 0; j < 8; j += 2) {  // per 128-bit lane l: t[j] = (r_j, r_j+1) at column 2l, t[j+1] at 2l + 1
+    t[j] = within128<0x44>(r[j], r[j + 1]);
+    t[j + 1] = within128<0xEE>(r[j], r[j + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // rows (0-3) and (4-7) of columns i, 4 + i (0x88) and 2 + i, 6 + i (0xDD)
+    r[i] = lanes128<0x88>(t[i], t[2 + i]);
+    r[2 + i] = lanes128<0xDD>(t[i], t[2 + i]);
+    r[4 + i] = lanes128<0x88>(t[4 + i], t[6 + i]);
+    r[6 + i] = lanes128<0xDD>(t[4 + i], t[6 + i]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    _mm512_storeu_pd(dst + i * ldd, _mm512_castps_pd(lanes128<0x88>(r[i], r[4 + i])));
+    _mm512_storeu_pd(dst + (4 + i) * ldd, _mm512_castps_pd(lanes128<0xDD>(r[i], r[4 + i])));
+    _mm512_storeu_pd(dst + (2 + i) * ldd, _mm512_castps_pd(lanes128<0x88>(r[2 + i], r[6 + i])));
+    _mm512_storeu_pd(dst + (6 + i) * ldd, _mm512_castps_pd(lanes128<0xDD>(r[2 + i], r[6 + i])));
+  }
+}
+
 constexpr int kMR = 8;             // rows of a C tile
 constexpr int kNV = 2;             // vectors across a C tile
 constexpr int64_t kKC = 256;       // rows of B packed at a time
@@ -124,7 +187,13 @@ GROKALIGN_AVX512 void pack_b(const T* b, int64_t bks, int64_t bjs, int64_t K, in
   for (int64_t j0 = 0; j0 < N; j0 += NR) {
     const int64_t nj = std::min(NR, N - j0);
     T* o = out + (j0 / NR) * K * NR;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+    if (bjs != 1 && bks == 1 && nj == NR) {  // a transposed B, whole sliver: L x L blocks in registers
+      constexpr int64_t L = Vec<T>::lanes;
+      for (; k + L <= K; k += L)
+        for (int64_t v = 0; v < kNV; ++v) transpose_block(b + (j0 + v * L) * bjs + k, bjs, o + k * NR + v * L, NR);
+    }
+    for (; k < K; ++k) {
       const T* src = b + k * bks + j0 * bjs;
       T* ok = o + k * NR;
       if (bjs == 1) {
