@@ -33,14 +33,12 @@
 // the copies are summed at the end. chunks = ceil(threads / (B H)) (at most the number of key
 // blocks): with B H >= threads there is one copy and no reduction.
 //
-// The GEMMs go straight to the BLAS libtorch links (csrc/cpu/blas.h; MKL's sgemm_ on x86 wheels): a
-// 64 x 128 x 64 float GEMM runs at ~95 GFLOP/s on one core against ~60 for plain loops, and a call
-// issues thousands of them, each of which at::mm_out on views would put through the dispatcher.
-// Causal block pairs stop at the last key their query rows see, in the backward as in the forward.
-// Those two changes together: 2-5% off the forward + backward at T = 1024 (not causal), 15% at
-// GPT's causal T = 256. The score passes (running maximum, exp, row sums) and the per-probe passes
-// are SIMD loops (simd_math::exp for float); against at::exp_ on the block and scalar loops they
-// took another 5% (P = 4) and 7% (P = 1) off at T = 1024 (two threads, alternating processes).
+// The GEMMs are blas::gemm calls on raw pointers (csrc/cpu/blas.h): an AVX-512 kernel where the CPU
+// has AVX-512F (on the AMD EPYC measured, 2.0-2.5x MKL's sgemm on these block shapes: MKL runs its
+// AVX2 kernels there), else the BLAS libtorch links. Either way, no dispatcher per GEMM: a call issues
+// thousands of them, ~5-10 us each. Causal block pairs stop at the last key their query rows see, in
+// the backward as in the forward. The score passes (running maximum, exp, row sums) and the
+// per-probe passes are SIMD loops (simd_math::exp for float).
 // Half and bfloat16 inputs are converted to float first; everything is computed in acc_t (float, or
 // double for double) and o, o_t and the input gradients converted back to the inputs' dtype.
 #include <ATen/ATen.h>
