@@ -63,8 +63,9 @@ namespace {
 
 using at::Tensor;
 
-// Block sizes: a score block is 64 x 128 (32 KiB in float). 128 x 128 and 128 x 256 were within 5%
-// (one core, T = S = 1024, d = 64, P = 1 and 4); 64 query rows give more tasks to short sequences.
+// Block sizes: a score block is 64 x 128 (32 KiB in float). With the AVX-512 GEMM, 128 x 128,
+// 64 x 256 and 128 x 64 were within 5% at T = S = 1024 (d = 64, P = 1 and 4, two threads) and
+// 8-40% slower on GPT's causal T = 256 heads; 64 query rows give more tasks to short sequences.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
 
