@@ -1,9 +1,9 @@
 // Row-major GEMM on raw pointers for the blockwise CPU kernels. gemm<T> takes the first of three
 // paths that can serve (path<T>() names it):
 // - "avx512": csrc/cpu/blas_avx512.h, where the CPU has AVX-512F. MKL, the BLAS of torch's x86
-//   wheels, runs its AVX2 kernels on AMD CPUs; on the AMD EPYC measured here this kernel is 1.6-2.4x
-//   faster on the attention op's block shapes (bench/RESULTS.md). GROKALIGN_CPU_GEMM=blas in the
-//   environment (read once) skips it.
+//   wheels, runs its AVX2 kernels on AMD CPUs; on the AMD EPYC measured here this kernel is 2.1-2.8x
+//   faster on the attention op's block shapes (bench/RESULTS.md, bench/cpp/bench_blas.cpp).
+//   GROKALIGN_CPU_GEMM=blas in the environment (read once) skips it.
 // - "blas": the BLAS that libtorch links (`sgemm_` / `dgemm_`, the LP64 Fortran interface).
 // - "aten": at::addmm_out on from_blob views, where libtorch exports neither symbol.
 //

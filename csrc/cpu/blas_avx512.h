@@ -3,9 +3,9 @@
 //
 // Why: MKL, the BLAS in torch's x86 wheels, runs its AVX2 kernels on AMD CPUs. On the AMD EPYC
 // (Zen 5) this was measured on, one core: an FMA loop peaks at 268 GFLOP/s on 512-bit registers
-// and 133 on 256-bit ones; MKL's sgemm reaches 97-110 GFLOP/s on the attention op's block shapes
-// (64-512 x 64-512 x 64-256) and on 1024^3, and this kernel 174-244 (bench/RESULTS.md has the
-// table and the command).
+// and 133 on 256-bit ones; MKL's sgemm reaches 90-113 GFLOP/s on the attention op's block shapes
+// (64-512 x 64-512 x 64-512) and 112 on 1024^3, this kernel 230-261 and 208
+// (bench/cpp/bench_blas.cpp; the table and its command are in bench/RESULTS.md).
 //
 // Method (the BLIS structure without packing A): B is packed, a KC x NC block at a time, into
 // slivers of NR = 2 vectors of columns ([K][NR], zero-padded); an MR x NR tile of C is accumulated in
@@ -13,8 +13,9 @@
 // straight from A's storage (a row-major or a transposed A is only a different pair of strides;
 // the last M % MR rows from a zero-padded copy).
 // The tile is then written as alpha acc + beta C under a lane mask for the last columns (beta = 0:
-// C is not read). MR = 8 (16 accumulators of 32): 6 and 12 were within 1-7% of it on the op's
-// shapes, 8 divides the op's blocks.
+// C is not read). MR = 8 (16 accumulators of 32 registers): 6 and 12 were 1-4% and 2-8% slower on
+// the op's shapes, and 8 divides the op's blocks. A transposed B (the op's k^T and v^T) is packed
+// by 16 x 16 (double: 8 x 8) transposes in registers.
 //
 // Compiled with a target attribute (the build itself assumes only x86-64), reached only after a
 // runtime check of the CPU's features: avx512::available().
