@@ -78,7 +78,6 @@ void aten_gemm(T* c, int64_t ldc, const Mat<T>& a, const Mat<T>& b, T alpha, T b
 
 inline bool fits_int(int64_t x) { return x <= std::numeric_limits<int>::max(); }
 
-
 // True where libtorch exports the BLAS routine for T.
 template <typename T>
 bool has_blas() {
