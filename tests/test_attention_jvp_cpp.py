@@ -5,6 +5,7 @@ scale), gradcheck, float32 and half / bfloat16 against the float64 reference, op
 in the sequence length, and the argument errors."""
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -227,41 +228,26 @@ def test_unavailable_reason():
     assert "not meta" in cpp.unavailable_reason(torch.zeros(1, device="meta"))
 
 
-_GEMM_PATH_SCRIPT = """
-import torch
-from grokalign_fast.ops.attention_jvp import cpp
-from grokalign_fast.ops.attention_jvp.reference import attention_jvp as reference
-g = torch.Generator().manual_seed(0)
-shapes = [(1, 2, 70, 40), (1, 2, 150, 40), (1, 2, 150, 24)]
-args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
-args += [torch.randn((3, *s), generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
-def run(f):
-    o, o_t = f(*args)
-    grads = torch.autograd.grad((o * o.detach().cos()).sum() + (o_t * o_t.detach().sin()).sum(), args)
-    return [o, o_t, *grads]
-for x, y in zip(run(cpp.attention_jvp_cpp), run(reference)):
-    torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
-print("ok")
-"""
+
+def _float64_tests_with(gemm):
+    """This file's float64 comparison with the reference (every case) in a new process whose
+    GROKALIGN_CPU_GEMM is ``gemm`` (the setting is read once per process)."""
+    env = dict(os.environ, GROKALIGN_CPU_GEMM=gemm)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+           "-k", "test_float64_equals_reference and cpu"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("gemm", ["blas", "auto"])
 def test_each_cpu_gemm_path_equals_reference(gemm):
     """The kernels through either CPU GEMM path (csrc/cpu/blas.h: the AVX-512 kernel where the CPU has
     it, or the BLAS; GROKALIGN_CPU_GEMM=blas picks the second) equal the reference in float64."""
-    import subprocess
-
-    env = dict(os.environ, GROKALIGN_CPU_GEMM=gemm)
-    done = subprocess.run([sys.executable, "-c", _GEMM_PATH_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    done = _float64_tests_with(gemm)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
 
 
 def test_bad_cpu_gemm_setting_is_named():
-    import subprocess
-
-    env = dict(os.environ, GROKALIGN_CPU_GEMM="fast")
-    done = subprocess.run([sys.executable, "-c", _GEMM_PATH_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = _float64_tests_with("fast")
     assert done.returncode != 0
-    assert 'GROKALIGN_CPU_GEMM: expected "auto" or "blas", got "fast"' in done.stderr
+    assert 'GROKALIGN_CPU_GEMM: expected "auto" or "blas", got "fast"' in done.stdout + done.stderr
